@@ -1,0 +1,133 @@
+"""RMSNorm forward and backward in Triton (the template every kernel in this folder follows).
+
+Layout: private kernels (``_rms_norm_fwd_kernel``, ``_rms_norm_bwd_kernel``) → host launchers
+(``rms_norm_fwd``, ``rms_norm_bwd``). A program owns BLOCK_M whole rows (BLOCK_N ≥ N columns), so one load
+gives the row statistic and the output; reductions in fp32 whatever the input dtype. The backward writes
+dx per row and one fp32 partial dw row per program, summed on the host (deterministic, no atomics).
+Not handled: rows longer than 65536 elements (raise; a looped two-pass kernel would be needed).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_FUSED_N = 65536
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    x_ptr,  # (M, N) input rows, contiguous
+    w_ptr,  # (N,) scale
+    y_ptr,  # (M, N) output, dtype of x
+    rstd_ptr,  # (M,) fp32: 1/sqrt(mean(x^2) + eps), saved for backward
+    M,  # number of rows
+    N,  # row length
+    eps,  # added to the mean square
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_N: tl.constexpr,  # power of two ≥ N
+):
+    # pid → which rows
+    pid = tl.program_id(0)
+    # offsets (int64: M*N may pass 2^31)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+    # mask the ragged edges
+    row_ok = rows < M
+    col_ok = cols < N
+    mask = row_ok[:, None] & col_ok[None, :]
+    # load, upcast to fp32 at once
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    # compute the row statistic and the output
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)  # (BLOCK_M,)
+    y = x * rstd[:, None] * w[None, :]
+    # store
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    g_ptr,  # (M, N) upstream gradient dL/dy
+    x_ptr,  # (M, N) forward input
+    w_ptr,  # (N,) scale
+    rstd_ptr,  # (M,) fp32 saved by the forward
+    dx_ptr,  # (M, N) output dL/dx, dtype of x
+    dw_ptr,  # (P, N) fp32 partial dL/dw, one row per program
+    M,  # number of rows
+    N,  # row length
+    rows_per_program,  # rows each program reduces into its dw row
+    BLOCK_M: tl.constexpr,  # rows per inner step
+    BLOCK_N: tl.constexpr,  # power of two ≥ N
+):
+    # pid → which chunk of rows
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    for r0 in range(row_start, row_end, BLOCK_M):
+        # offsets and mask of this step's rows
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        mask = row_ok[:, None] & col_ok[None, :]
+        offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+        # load, upcast
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        # dx = r*(g*w) - x * r^3 * mean(g*w*x);  dw += g * x * r
+        wg = g * w[None, :]
+        coef = tl.sum(wg * x, axis=1) * rstd * rstd * rstd / N
+        dx = wg * rstd[:, None] - x * coef[:, None]
+        dw += tl.sum(g * x * rstd[:, None], axis=0)
+        # store dx
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dw_ptr + pid * N + cols, dw, mask=col_ok)
+
+
+def _blocks(M: int, N: int) -> tuple[int, int]:
+    if N > MAX_FUSED_N:
+        raise ValueError(f"rms_norm (triton): rows of {N} elements exceed the fused kernel's limit {MAX_FUSED_N}")
+    block_n = triton.next_power_of_2(N)
+    # ~4K elements per program keeps registers in check on GPU and the interpreter's program count low on CPU
+    block_m = max(1, min(triton.next_power_of_2(M), 4096 // block_n))
+    return block_m, block_n
+
+
+def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., N) contiguous, weight (N,) → y (..., N) in x's dtype, rstd (...) fp32."""
+    N = x.shape[-1]
+    M = x.numel() // N
+    y = torch.empty_like(x)
+    rstd = torch.empty(x.shape[:-1], device=x.device, dtype=torch.float32)
+    block_m, block_n = _blocks(M, N)
+    grid = (triton.cdiv(M, block_m),)
+    _rms_norm_fwd_kernel[grid](x, weight, y, rstd, M, N, eps, BLOCK_M=block_m, BLOCK_N=block_n)
+    return y, rstd
+
+
+def rms_norm_bwd(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients (dx in x's dtype, dw in weight's dtype) of ``rms_norm_fwd``; all inputs contiguous."""
+    N = x.shape[-1]
+    M = x.numel() // N
+    block_m, block_n = _blocks(M, N)
+    if x.is_cuda:
+        programs = torch.cuda.get_device_properties(x.device).multi_processor_count * 4
+    else:
+        programs = 4  # interpreter: few programs, each looping over many rows
+    programs = max(1, min(programs, triton.cdiv(M, block_m)))
+    rows_per_program = triton.cdiv(M, programs)
+    dx = torch.empty_like(x)
+    dw_partial = torch.empty((programs, N), device=x.device, dtype=torch.float32)
+    _rms_norm_bwd_kernel[(programs,)](
+        grad_y, x, weight, rstd, dx, dw_partial, M, N, rows_per_program, BLOCK_M=block_m, BLOCK_N=block_n
+    )
+    return dx, dw_partial.sum(0).to(weight.dtype)
