@@ -40,6 +40,7 @@ def _extension() -> tuple[object | None, str | None]:
         return None, f"the compiled extension intro2llm._C is not built ({exc}); reinstall with a C++ compiler"
 
 
+@torch._dynamo.assume_constant_result  # probes run eagerly: torch.compile(fullgraph=True) sees a constant
 def extension_error() -> str | None:
     """Why ``intro2llm._C`` is unavailable, or None when it loaded."""
     return _extension()[1]
@@ -50,8 +51,13 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@torch._dynamo.assume_constant_result
 def _triton_installed() -> str | None:
+    return _triton_missing()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_missing() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
     return None
@@ -101,6 +107,7 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'")
 
 
+@torch._dynamo.assume_constant_result
 def has_compiled_kernel(op: str, device_type: str) -> bool:
     """True when ``intro2llm._C`` registered ``intro2llm::<op>`` for ``device_type`` ("cpu" or "cuda")."""
     if extension_error() is not None:

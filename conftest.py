@@ -1,0 +1,31 @@
+"""Session set-up shared by tests/ and tutorial/.
+
+- Without CUDA, Triton kernels run in the interpreter on CPU tensors: TRITON_INTERPRET=1 must be set before
+  any kernel module is imported, so it is set here, first. Auto dispatch never picks Triton for CPU tensors,
+  so this changes nothing for the other backends.
+- Under INTRO2LLM_REQUIRE_EXT=1 (CI), a missing compiled extension fails the session instead of skipping.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_sessionstart(session):
+    from intro2llm.testing import require_extension_if_asked
+
+    require_extension_if_asked()
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="gpu: needs a CUDA device, none is visible")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

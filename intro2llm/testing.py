@@ -1,0 +1,62 @@
+"""Test helpers shared by the package tests, the lesson tests and the benchmarks.
+
+``backends_for(device)`` lists the backends to exercise on this machine; ``assert_close_to_exact`` applies the
+project's accuracy rule: a fast path's error against an fp64 "exact" result must be at most a small multiple
+of the reference implementation's own error in the same dtype (plus a tiny floor), so tolerances follow the
+dtype instead of being tuned per test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from intro2llm.ops import _dispatch
+
+
+def backends_for(device: str | torch.device = "cpu", implemented: Sequence[str] = _dispatch.BACKENDS) -> list[str]:
+    """Backends in ``implemented`` that can run on ``device`` here (reference always included)."""
+    device = torch.device(device)
+    out = []
+    for name in implemented:
+        if _dispatch._why_not("test", name, device, implemented, None) is None:
+            out.append(name)
+    return out
+
+
+def require_extension_if_asked() -> None:
+    """Under INTRO2LLM_REQUIRE_EXT=1 (CI) a missing intro2llm._C is an error, never a skip."""
+    import os
+
+    if os.environ.get("INTRO2LLM_REQUIRE_EXT", "0") == "1" and _dispatch.extension_error() is not None:
+        raise RuntimeError(f"INTRO2LLM_REQUIRE_EXT=1 but {_dispatch.extension_error()}")
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_close_to_exact(
+    fast: torch.Tensor,
+    ref: torch.Tensor,
+    exact: torch.Tensor,
+    *,
+    factor: float = 4.0,
+    floor: float | None = None,
+    name: str = "output",
+) -> None:
+    """Assert ``|fast - exact| <= factor * |ref - exact| + floor`` (max norms).
+
+    ``ref``: the reference op run in the same (low) dtype as ``fast``; ``exact``: the reference in fp64.
+    ``floor`` defaults to a few ulps of the output dtype scaled by the magnitude of ``exact``.
+    """
+    assert fast.shape == exact.shape, f"{name}: shape {tuple(fast.shape)} != expected {tuple(exact.shape)}"
+    if floor is None:
+        eps = torch.finfo(fast.dtype).eps if fast.is_floating_point() else 0.0
+        scale = exact.abs().max().item() if exact.numel() else 1.0
+        floor = 8 * eps * max(scale, 1.0)
+    err_fast, err_ref = max_err(fast, exact), max_err(ref, exact)
+    assert err_fast <= factor * err_ref + floor, (
+        f"{name}: fast-path error {err_fast:.3e} > {factor} x reference error {err_ref:.3e} + {floor:.1e}"
+    )
