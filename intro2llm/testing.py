@@ -60,3 +60,33 @@ def assert_close_to_exact(
     assert err_fast <= factor * err_ref + floor, (
         f"{name}: fast-path error {err_fast:.3e} > {factor} x reference error {err_ref:.3e} + {floor:.1e}"
     )
+
+
+_PEAK_SNIPPET = r"""
+import re, sys
+def _status(key):
+    return int(re.search(key + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+{setup}
+import gc; gc.collect()
+before = _status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
+{run}
+print("PEAK_EXTRA_BYTES", _status("VmHWM") - before)
+"""
+
+
+def peak_extra_memory(setup: str, run: str, timeout: float = 600.0) -> int:
+    """Peak resident memory (bytes) that ``run`` adds over the state after ``setup``, in a fresh process.
+
+    Linux only: VmHWM after resetting it via /proc/self/clear_refs, minus VmRSS before ``run`` (``ru_maxrss``
+    cannot be reset and is inherited across fork/exec). ``setup`` and ``run`` are Python source strings.
+    """
+    import subprocess
+    import sys
+    import textwrap
+
+    code = _PEAK_SNIPPET.replace("{setup}", textwrap.dedent(setup)).replace("{run}", textwrap.dedent(run))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory measurement failed:\n{out.stderr[-2000:]}")
+    return int(out.stdout.split("PEAK_EXTRA_BYTES")[-1].split()[0])
