@@ -14,7 +14,6 @@ import os
 import sys
 
 from setuptools import setup
-from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 REQUIRE_EXT = os.environ.get("INTRO2LLM_REQUIRE_EXT", "0") == "1"
@@ -56,7 +55,8 @@ def _extensions():
         _warn(f"torch is not importable ({exc}); installing without the compiled extension")
         return [], {}
 
-    sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp")] + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))))
+    cpu_sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp")] + cpu_sources)
     cxx = ["-O3", "-fopenmp", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
     if os.environ.get("INTRO2LLM_NATIVE", "0") == "1":
         cxx.append("-march=native")

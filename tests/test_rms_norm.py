@@ -26,6 +26,7 @@ def _dtypes(backend):
 
 
 CASES = [(b, s, d) for b in FAST for s in SHAPES for d in _dtypes(b)]
+CASE_IDS = [f"{b}-{'x'.join(map(str, s))}-{str(d)[6:]}" for b, s, d in CASES]
 
 
 def _inputs(shape, dtype, seed=0):
@@ -54,10 +55,11 @@ def test_reference_matches_torch():
     if not hasattr(torch.nn.functional, "rms_norm"):
         pytest.skip("torch.nn.functional.rms_norm needs torch >= 2.4")
     x, w, _ = _inputs((4, 33), torch.float32)
-    torch.testing.assert_close(ops.rms_norm(x, w, 1e-5, backend="reference"), torch.nn.functional.rms_norm(x, (33,), w, 1e-5))
+    want = torch.nn.functional.rms_norm(x, (33,), w, 1e-5)
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-5, backend="reference"), want)
 
 
-@pytest.mark.parametrize("backend,shape,dtype", CASES, ids=[f"{b}-{'x'.join(map(str, s))}-{str(d)[6:]}" for b, s, d in CASES])
+@pytest.mark.parametrize("backend,shape,dtype", CASES, ids=CASE_IDS)
 def test_backend_matches_reference(backend, shape, dtype):
     x, w, dy = _inputs(shape, dtype)
     fast = _run(lambda a, b: ops.rms_norm(a, b, 1e-6, backend=backend), x, w, dy)
@@ -102,7 +104,8 @@ def test_opcheck_compiled():
 @pytest.mark.skipif("triton" not in FAST, reason="triton backend unavailable on this machine")
 def test_opcheck_triton():
     x, w, _ = _inputs((5, 48), torch.float32)
-    torch.library.opcheck(torch.ops.intro2llm.rms_norm_fwd_triton.default, (x.requires_grad_(), w.requires_grad_(), 1e-6))
+    args = (x.requires_grad_(), w.requires_grad_(), 1e-6)
+    torch.library.opcheck(torch.ops.intro2llm.rms_norm_fwd_triton.default, args)
 
 
 @pytest.mark.parametrize("backend", FAST + ["auto"])

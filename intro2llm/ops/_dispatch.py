@@ -29,7 +29,7 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run this call (not built, not installed, wrong device)."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _extension() -> tuple[object | None, str | None]:
     """Import ``intro2llm._C`` once: (module, None) or (None, why it is missing)."""
     try:
@@ -56,7 +56,7 @@ def _triton_installed() -> str | None:
     return _triton_missing()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_missing() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
@@ -116,7 +116,9 @@ def has_compiled_kernel(op: str, device_type: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"intro2llm::{op}", key)
 
 
-def _why_not(op: str, backend: str, device: torch.device, implemented: Sequence[str], compiled_op: str | None) -> str | None:
+def _why_not(
+    op: str, backend: str, device: torch.device, implemented: Sequence[str], compiled_op: str | None
+) -> str | None:
     """None when ``backend`` can run ``op`` on ``device``, else the reason."""
     if backend not in implemented:
         return f"{op} has no {backend!r} implementation (it has: {', '.join(implemented)})"

@@ -37,7 +37,8 @@ def _validate(x, weight, bias, eps):
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and (t.dim() != 1 or t.shape[0] != x.shape[-1]):
             raise ValueError(
-                f"{OP}: {name} must have shape ({x.shape[-1]},) to match x of shape {tuple(x.shape)}, got {tuple(t.shape)}"
+                f"{OP}: {name} must have shape ({x.shape[-1]},) to match x of shape {tuple(x.shape)}, "
+                f"got {tuple(t.shape)}"
             )
     if bias is not None:
         check_float("bias", bias, OP, FLOAT_DTYPES + (torch.float64,))
