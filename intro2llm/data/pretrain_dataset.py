@@ -8,8 +8,9 @@ Pipeline (the nanoGPT / Megatron "packed" format):
    (dtype, vocab_size, eos id, token count per shard). Each file is written to a temporary name in
    the same directory and renamed with ``os.replace`` (atomic on POSIX), and ``index.json`` is
    written last: a crash never leaves a half-written shard under its final name, and a directory
-   without ``index.json`` is never read as a dataset. Rewriting a directory removes its old
-   ``index.json`` first, so an interrupted rewrite is an error on load, not a mix of old and new shards.
+   without ``index.json`` is never read as a dataset. Rewriting a directory writes the new
+   shards under names the old index does not use and swaps ``index.json`` last, so an interrupted
+   rewrite leaves the old dataset whole and loadable, never a mix of old and new shards.
 2. ``PretrainDataset(path, block_size)`` memory-maps the shards (no copy into RAM) and treats them
    as one stream of ``N`` tokens. Sample ``i`` is a window of ``block_size + 1`` tokens;
    ``x = w[:-1]``, ``y = w[1:]`` (next-token targets). Epoch ``e = i // len(ds)`` uses a
@@ -126,18 +127,16 @@ class ShardWriter:
             raise ValueError(f"eos_token_id {eos_token_id} is outside [0, vocab_size={self.vocab_size})")
         self.eos_token_id = eos_token_id
         self.shard_tokens = int(shard_tokens)
-        self.prefix = prefix
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        # rewriting a dataset in place: drop the old index first, so that an interrupted rewrite leaves a
-        # directory without index.json (an error on load), never an old index over a mix of shards
-        self._stale: list[str] = []
-        old_index = self.out_dir / INDEX_FILE
-        if old_index.exists():
-            try:
-                self._stale = [sh["file"] for sh in json.loads(old_index.read_text()).get("shards", [])]
-            except (OSError, ValueError, TypeError, KeyError):
-                pass
-            old_index.unlink()
+        # Rewriting a dataset in place: the new shards get names the old index does not use, and the new
+        # index.json replaces the old one atomically at close(). Until then the old dataset stays whole and
+        # loadable; an interrupted rewrite leaves only unreferenced files, removed by the next rewrite.
+        self._base_prefix = prefix
+        old = {p.name for p in self.out_dir.glob(f"{prefix}*.bin")}
+        generation = 0
+        while any(name.startswith(self._prefix_for(generation) + "_") for name in old):
+            generation += 1
+        self.prefix = self._prefix_for(generation)
         self._buf = np.empty(self.shard_tokens, dtype=self.dtype)
         self._fill = 0
         self._pending: list[int] = []
@@ -145,6 +144,9 @@ class ShardWriter:
         self.num_documents = 0
         self.num_tokens = 0
         self._closed = False
+
+    def _prefix_for(self, generation: int) -> str:
+        return self._base_prefix if generation == 0 else f"{self._base_prefix}-g{generation}"
 
     def add(self, ids: Sequence[int] | np.ndarray, *, append_eos: bool = True) -> None:
         """Add one document's ids (and EOS after it when ``append_eos`` and an EOS id is set)."""
@@ -219,9 +221,9 @@ class ShardWriter:
         }
         _atomic_write_bytes(self.out_dir / INDEX_FILE, (json.dumps(self.index, indent=1) + "\n").encode())
         written = {sh["file"] for sh in self._shards}
-        for name in self._stale:  # shards of the replaced dataset that the new one does not reuse
-            if name not in written and "/" not in name and (self.out_dir / name).is_file():
-                (self.out_dir / name).unlink()
+        for path in self.out_dir.glob(f"{self._base_prefix}*.bin"):  # the replaced dataset, orphans of crashes
+            if path.name not in written:
+                path.unlink()
         self._closed = True
         return self.index
 
