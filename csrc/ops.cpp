@@ -22,17 +22,51 @@ TORCH_LIBRARY(intro2llm, m) {
 
   // ---- apply_rope / swiglu / geglu (rope-swiglu owner) ---------------------------------------------------
   // BEGIN rope-swiglu schemas
+  // RoPE (split-half): q (B,H,T,D), k (B,Hkv,T,D) any strides, cos/sin (1|B, T, D); outputs contiguous.
+  // apply_rope_bwd applies the transposed rotation to the upstream gradients (RoPE with -sin).
+  m.def("apply_rope_fwd(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor q_out, Tensor k_out)");
+  m.def("apply_rope_bwd(Tensor grad_q, Tensor grad_k, Tensor cos, Tensor sin) -> (Tensor grad_q_in, Tensor grad_k_in)");
+  // Gated units: out = act(gate) * up; the backward recomputes act(gate). approximate: "none" (erf) | "tanh".
+  m.def("swiglu_fwd(Tensor gate, Tensor up) -> Tensor");
+  m.def("swiglu_bwd(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor grad_gate, Tensor grad_up)");
+  m.def("geglu_fwd(Tensor gate, Tensor up, str approximate) -> Tensor");
+  m.def("geglu_bwd(Tensor grad_out, Tensor gate, Tensor up, str approximate) -> (Tensor grad_gate, Tensor grad_up)");
   // END rope-swiglu schemas
 
   // ---- cross_entropy / fused_linear_cross_entropy (cross-entropy owner) --------------------------------------
   // BEGIN cross-entropy schemas
+  // logits (N, V), targets (N,) int64. Per-row fp32 loss (0 for ignore_index rows) and lse = logsumexp(row);
+  // the reduction is done by the caller. bwd: grad_logits = grad_loss[i] * dloss_i/dlogits (zero rows for
+  // ignored targets). fwd_bwd_: the loss, with logits overwritten by grad_scale * dloss_i/dlogits.
+  m.def("cross_entropy_fwd(Tensor logits, Tensor targets, int ignore_index, float label_smoothing, float z_loss) "
+        "-> (Tensor loss, Tensor lse)");
+  m.def("cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor targets, Tensor lse, int ignore_index, "
+        "float label_smoothing, float z_loss) -> Tensor");
+  m.def("cross_entropy_fwd_bwd_(Tensor(a!) logits, Tensor targets, float grad_scale, int ignore_index, "
+        "float label_smoothing, float z_loss) -> (Tensor loss, Tensor lse)");
   // END cross-entropy schemas
 
   // ---- flash_attention (attention owner) --------------------------------------------------------------------
   // BEGIN flash-attention schemas
+  // out = softmax(q kᵀ·scale + mask) v; q (B, H, Tq, D), k/v (B, Hkv, Tk, D), H % Hkv == 0; window <= 0: none;
+  // key_padding_mask (B, Tk) bool, True = keep. lse (B, H, Tq) fp32 = log-sum-exp of each score row (saved).
+  m.def("flash_attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, int window, float scale, "
+        "Tensor? key_padding_mask) -> (Tensor out, Tensor lse)");
+  m.def("flash_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
+        "int window, float scale, Tensor? key_padding_mask) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   // END flash-attention schemas
 
   // ---- tokenizer core (tokenizer owner) ---------------------------------------------------------------------
   // BEGIN tokenizer schemas
+  // BPE merge loop (csrc/cpu/bpe_train.cpp): words = int32 base-symbol ids, word i = words[offsets[i]:offsets[i+1]],
+  // counts = int64 per word; returns int32 (M, 3) merges (left id, right id, new id). No autograd, no fake impl
+  // (the output size depends on the data); called from intro2llm/tokenizer/_train.py only.
+  m.def("bpe_train(Tensor words, Tensor offsets, Tensor counts, int num_base, int num_new_tokens, int min_frequency) -> Tensor");
+  // Byte-level BPE encoder (csrc/cpu/bpe_encode.cpp): build once from the token bytes (rank order) and a Unicode class
+  // table (0x110000 uint8: 1 letter, 2 number, 4 whitespace), pattern 0 = gpt2, 1 = cl100k; returns a handle.
+  // bpe_encode: UTF-8 bytes (uint8) -> int32 ids; bpe_encoder_free releases the handle.
+  m.def("bpe_encoder_new(Tensor token_bytes, Tensor token_offsets, Tensor classes, int pattern) -> int");
+  m.def("bpe_encoder_free(int handle) -> ()");
+  m.def("bpe_encode(int handle, Tensor text) -> Tensor");
   // END tokenizer schemas
 }
