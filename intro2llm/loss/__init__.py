@@ -1,1 +1,5 @@
-"""intro2llm.loss."""
+"""intro2llm.loss: training losses as modules/functions over ``intro2llm.ops``."""
+
+from intro2llm.loss.cross_entropy import CrossEntropyLoss
+
+__all__ = ["CrossEntropyLoss"]

@@ -113,7 +113,10 @@ def has_compiled_kernel(op: str, device_type: str) -> bool:
     if extension_error() is not None:
         return False
     key = "CUDA" if device_type == "cuda" else "CPU"
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"intro2llm::{op}", key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"intro2llm::{op}", key)
+    except RuntimeError:  # the schema itself is missing: an _C built from older sources
+        return False
 
 
 def _why_not(
