@@ -1,0 +1,145 @@
+// Rotary position embedding (split-half / Hugging Face `rotate_half` convention) on CPU, q and k in one call.
+//
+// Forward, with h = D/2 and x = (x1, x2):   out1 = x1*c1 - x2*s1,   out2 = x2*c2 + x1*s2
+// Backward (the transposed rotation):        dx1  = g1*c1 + g2*s2,   dx2  = g2*c2 - g1*s1
+// (= RoPE with -sin when both halves of the table are equal, as in every Llama-style table).
+//
+// q (B, H, T, D) and k (B, Hkv, T, D) are read through their strides (the usual (B, T, H, D).transpose(1, 2)
+// view costs no copy; the last dim must be contiguous, else it is copied once); outputs are contiguous.
+// cos/sin are (Bc, T, D) with Bc in {1, B}, converted once to fp32 (T*D values, reused by every head).
+// Rows of D are independent: at::parallel_for over all B*(H+Hkv)*T rows, at::vec over the half-rows.
+// Traffic: reads B*(H+Hkv)*T*D once and writes it once; the eager reference makes ~6 passes.
+// Measured (q (4, 32, 1024, 128), k (4, 8, 1024, 128), fp32 tables, 2 shared EPYC cores, pytest-benchmark min):
+// forward fp32 77 ms vs reference 279 ms, HF-style eager 475 ms, clone() of q and k 78 ms; bf16 47 vs 392 ms.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace intro2llm {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+
+// One row of h pairs: out = rotate(x) with table rows c, s (fp32, D values each).
+template <bool BWD>
+inline void rope_row(const float* x, const float* c, const float* s, float* out, int64_t h) {
+  int64_t j = 0;
+  for (; j + Vec::size() <= h; j += Vec::size()) {
+    const Vec x1 = Vec::loadu(x + j), x2 = Vec::loadu(x + h + j);
+    const Vec c1 = Vec::loadu(c + j), c2 = Vec::loadu(c + h + j);
+    const Vec s1 = Vec::loadu(s + j), s2 = Vec::loadu(s + h + j);
+    if constexpr (BWD) {
+      (x1 * c1 + x2 * s2).store(out + j);
+      (x2 * c2 - x1 * s1).store(out + h + j);
+    } else {
+      (x1 * c1 - x2 * s1).store(out + j);
+      (x2 * c2 + x1 * s2).store(out + h + j);
+    }
+  }
+  for (; j < h; ++j) {
+    const float x1 = x[j], x2 = x[h + j];
+    if constexpr (BWD) {
+      out[j] = x1 * c[j] + x2 * s[h + j];
+      out[h + j] = x2 * c[h + j] - x1 * s[j];
+    } else {
+      out[j] = x1 * c[j] - x2 * s[j];
+      out[h + j] = x2 * c[h + j] + x1 * s[h + j];
+    }
+  }
+}
+
+struct View4 {  // a (B, H, T, D) tensor with unit stride on D
+  const void* data;
+  int64_t sb, sh, st;
+  int64_t H;
+};
+
+template <typename scalar_t, bool BWD>
+void rope_impl(const View4& q, const View4& k, scalar_t* q_out, scalar_t* k_out, const float* cos, const float* sin,
+               int64_t B, int64_t T, int64_t D, bool table_per_batch) {
+  const int64_t HH = q.H + k.H, h = D / 2;
+  // ~16K values per task: enough work to amortize scheduling, small enough to balance.
+  const int64_t grain = std::max<int64_t>(1, 16384 / D);
+  at::parallel_for(0, B * HH * T, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> xbuf(std::is_same_v<scalar_t, float> ? 0 : D), obuf(std::is_same_v<scalar_t, float> ? 0 : D);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t t = r % T, hh = (r / T) % HH, b = r / (T * HH);
+      const bool is_q = hh < q.H;
+      const View4& v = is_q ? q : k;
+      const int64_t head = is_q ? hh : hh - q.H;
+      const scalar_t* x = static_cast<const scalar_t*>(v.data) + b * v.sb + head * v.sh + t * v.st;
+      scalar_t* o = (is_q ? q_out : k_out) + ((b * v.H + head) * T + t) * D;
+      const int64_t trow = ((table_per_batch ? b : 0) * T + t) * D;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        rope_row<BWD>(x, cos + trow, sin + trow, o, h);
+      } else {
+        at::vec::convert(x, xbuf.data(), D);
+        rope_row<BWD>(xbuf.data(), cos + trow, sin + trow, obuf.data(), h);
+        at::vec::convert(obuf.data(), o, D);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& cos,
+                                            const at::Tensor& sin, bool backward, const char* op) {
+  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4, op, ": q and k must be 4-D (B, H, T, D), got q ", q_in.sizes(),
+              " and k ", k_in.sizes());
+  const int64_t B = q_in.size(0), T = q_in.size(2), D = q_in.size(3);
+  TORCH_CHECK(k_in.size(0) == B && k_in.size(2) == T && k_in.size(3) == D, op, ": k must have shape (", B, ", Hkv, ",
+              T, ", ", D, ") to match q of shape ", q_in.sizes(), ", got ", k_in.sizes());
+  TORCH_CHECK(D > 0 && D % 2 == 0, op, ": head_dim must be even and > 0, got q of shape ", q_in.sizes());
+  TORCH_CHECK(q_in.scalar_type() == k_in.scalar_type(), op, ": q and k must share a dtype, got ", q_in.scalar_type(),
+              " and ", k_in.scalar_type());
+  const auto st = q_in.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op,
+              ": q must be float32, bfloat16 or float16, got ", st);
+  TORCH_CHECK(cos.dim() == 3 && cos.sizes() == sin.sizes() && (cos.size(0) == 1 || cos.size(0) == B) &&
+                  cos.size(1) == T && cos.size(2) == D,
+              op, ": cos/sin must have shape (", B, " or 1, ", T, ", ", D, "), got cos ", cos.sizes(), " and sin ",
+              sin.sizes());
+  TORCH_CHECK(q_in.device().is_cpu() && k_in.device().is_cpu() && cos.device().is_cpu() && sin.device().is_cpu(), op,
+              ": expected CPU tensors, got q on ", q_in.device(), ", k on ", k_in.device(), ", cos on ", cos.device());
+  const auto q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
+  const auto k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
+  const auto cf = cos.to(at::kFloat).contiguous();
+  const auto sf = sin.to(at::kFloat).contiguous();
+  auto q_out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  auto k_out = at::empty(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
+  if (q.numel() + k.numel() == 0) return {q_out, k_out};
+  const View4 qv{q.const_data_ptr(), q.stride(0), q.stride(1), q.stride(2), q.size(1)};
+  const View4 kv{k.const_data_ptr(), k.stride(0), k.stride(1), k.stride(2), k.size(1)};
+  const bool per_batch = cos.size(0) > 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "rope_cpu", [&] {
+    if (backward) {
+      rope_impl<scalar_t, true>(qv, kv, q_out.mutable_data_ptr<scalar_t>(), k_out.mutable_data_ptr<scalar_t>(),
+                                cf.const_data_ptr<float>(), sf.const_data_ptr<float>(), B, T, D, per_batch);
+    } else {
+      rope_impl<scalar_t, false>(qv, kv, q_out.mutable_data_ptr<scalar_t>(), k_out.mutable_data_ptr<scalar_t>(),
+                                 cf.const_data_ptr<float>(), sf.const_data_ptr<float>(), B, T, D, per_batch);
+    }
+  });
+  return {q_out, k_out};
+}
+
+std::tuple<at::Tensor, at::Tensor> apply_rope_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                                      const at::Tensor& sin) {
+  return rope_cpu(q, k, cos, sin, /*backward=*/false, "intro2llm::apply_rope_fwd");
+}
+
+std::tuple<at::Tensor, at::Tensor> apply_rope_bwd_cpu(const at::Tensor& grad_q, const at::Tensor& grad_k,
+                                                      const at::Tensor& cos, const at::Tensor& sin) {
+  return rope_cpu(grad_q, grad_k, cos, sin, /*backward=*/true, "intro2llm::apply_rope_bwd");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(intro2llm, CPU, m) {
+  m.impl("apply_rope_fwd", &apply_rope_fwd_cpu);
+  m.impl("apply_rope_bwd", &apply_rope_bwd_cpu);
+}
+
+}  // namespace intro2llm

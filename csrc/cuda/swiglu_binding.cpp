@@ -1,0 +1,91 @@
+// Torch binding of the CUDA SwiGLU/GeGLU kernels: checks, allocation, stream, dtype code → csrc/cuda/swiglu.cu.
+// Compiled only when torch is a CUDA build (setup.py), so ATen's CUDA headers are available here.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "swiglu.cuh"
+
+namespace intro2llm {
+namespace {
+
+cuda::DType check_pair(const at::Tensor& gate, const at::Tensor& up, const char* op) {
+  TORCH_CHECK(gate.sizes() == up.sizes(), op, ": gate and up must have the same shape, got gate ", gate.sizes(),
+              " and up ", up.sizes());
+  TORCH_CHECK(gate.scalar_type() == up.scalar_type(), op, ": gate and up must share a dtype, got ",
+              gate.scalar_type(), " and ", up.scalar_type());
+  TORCH_CHECK(gate.is_cuda() && up.device() == gate.device(), op, ": gate and up must be on one CUDA device, got ",
+              gate.device(), " and ", up.device());
+  switch (gate.scalar_type()) {
+    case at::kFloat: return cuda::DType::kFloat32;
+    case at::kHalf: return cuda::DType::kFloat16;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
+    default: TORCH_CHECK(false, op, ": gate must be float32, float16 or bfloat16, got ", gate.scalar_type());
+  }
+}
+
+cuda::GluAct parse_act(c10::string_view approximate, const char* op) {
+  const std::string a(approximate);
+  TORCH_CHECK(a == "none" || a == "tanh", op, ": approximate must be 'none' or 'tanh', got '", a, "'");
+  return a == "tanh" ? cuda::GluAct::kGeluTanh : cuda::GluAct::kGelu;
+}
+
+at::Tensor glu_fwd_cuda(const at::Tensor& gate, const at::Tensor& up, cuda::GluAct act, const char* op) {
+  const auto dtype = check_pair(gate, up, op);
+  const c10::cuda::CUDAGuard guard(gate.device());
+  const auto gc = gate.contiguous(), uc = up.contiguous();
+  auto out = at::empty_like(gc, at::MemoryFormat::Contiguous);
+  const auto err = cuda::glu_fwd(gc.const_data_ptr(), uc.const_data_ptr(), out.mutable_data_ptr(), gc.numel(), act,
+                                 dtype, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(err));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> glu_bwd_cuda(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up,
+                                                cuda::GluAct act, const char* op) {
+  const auto dtype = check_pair(gate, up, op);
+  TORCH_CHECK(grad.sizes() == gate.sizes(), op, ": grad_out shape ", grad.sizes(), " must equal gate shape ",
+              gate.sizes());
+  const c10::cuda::CUDAGuard guard(gate.device());
+  const auto gc = gate.contiguous(), uc = up.contiguous(), yc = grad.to(gate.scalar_type()).contiguous();
+  auto dg = at::empty_like(gc, at::MemoryFormat::Contiguous);
+  auto du = at::empty_like(uc, at::MemoryFormat::Contiguous);
+  const auto err = cuda::glu_bwd(yc.const_data_ptr(), gc.const_data_ptr(), uc.const_data_ptr(), dg.mutable_data_ptr(),
+                                 du.mutable_data_ptr(), gc.numel(), act, dtype, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(err));
+  return {dg, du};
+}
+
+at::Tensor swiglu_fwd_cuda(const at::Tensor& gate, const at::Tensor& up) {
+  return glu_fwd_cuda(gate, up, cuda::GluAct::kSilu, "intro2llm::swiglu_fwd");
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cuda(const at::Tensor& grad, const at::Tensor& gate,
+                                                   const at::Tensor& up) {
+  return glu_bwd_cuda(grad, gate, up, cuda::GluAct::kSilu, "intro2llm::swiglu_bwd");
+}
+
+at::Tensor geglu_fwd_cuda(const at::Tensor& gate, const at::Tensor& up, c10::string_view approximate) {
+  const char* op = "intro2llm::geglu_fwd";
+  return glu_fwd_cuda(gate, up, parse_act(approximate, op), op);
+}
+
+std::tuple<at::Tensor, at::Tensor> geglu_bwd_cuda(const at::Tensor& grad, const at::Tensor& gate,
+                                                  const at::Tensor& up, c10::string_view approximate) {
+  const char* op = "intro2llm::geglu_bwd";
+  return glu_bwd_cuda(grad, gate, up, parse_act(approximate, op), op);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(intro2llm, CUDA, m) {
+  m.impl("swiglu_fwd", &swiglu_fwd_cuda);
+  m.impl("swiglu_bwd", &swiglu_bwd_cuda);
+  m.impl("geglu_fwd", &geglu_fwd_cuda);
+  m.impl("geglu_bwd", &geglu_bwd_cuda);
+}
+
+}  // namespace intro2llm
