@@ -58,3 +58,69 @@ def test_bpe_more_merges_compress_more():
     sizes = [len(ByteLevelBPETokenizer().train(texts, v).encode(held)) for v in (256, 400, 800)]
     assert sizes[0] == len(held.encode("utf-8"))  # no merges: one token per byte
     assert sizes[0] > sizes[1] > sizes[2]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Part 2: embeddings and positions (appended by the model lessons; own imports, names prefixed test_embedding_/rope_)
+# ------------------------------------------------------------------------------------------------------------------
+import torch  # noqa: E402
+
+from intro2llm.model import CausalLM, ModelConfig  # noqa: E402
+from intro2llm.model.embedding import RotaryEmbedding, rope_inv_freq  # noqa: E402
+
+
+def _rope_score(rot: RotaryEmbedding, q: torch.Tensor, k: torch.Tensor, m: int, n: int) -> float:
+    cm, sm = rot(torch.tensor([m]))
+    cn, sn = rot(torch.tensor([n]))
+    qm, _ = RotaryEmbedding.rotate(q, q, cm, sm)
+    kn, _ = RotaryEmbedding.rotate(k, k, cn, sn)
+    return (qm * kn).sum().item()
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    rot = RotaryEmbedding(16, 256)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+    for delta in (0, 3, 17):
+        scores = [_rope_score(rot, q, k, m + delta, m) for m in (0, 5, 100, 200)]
+        assert max(scores) - min(scores) < 1e-4
+
+
+def test_rope_matches_transformers():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    torch.manual_seed(0)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    cfg = LlamaConfig(hidden_size=128, num_attention_heads=4, max_position_embeddings=1024,
+                      rope_parameters={**scaling, "rope_theta": 500000.0})
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    torch.testing.assert_close(rope_inv_freq(32, 500000.0, scaling), expected.float())
+    rot = RotaryEmbedding(32, 1024, 500000.0, scaling)
+    q, k = torch.randn(2, 4, 6, 32), torch.randn(2, 2, 6, 32)
+    cos, sin = rot(torch.arange(300, 306).expand(2, 6))
+    ours = RotaryEmbedding.rotate(q, k, cos, sin)
+    ref = apply_rotary_pos_emb(q, k, cos, sin)
+    torch.testing.assert_close(ours[0], ref[0])
+    torch.testing.assert_close(ours[1], ref[1])
+
+
+def test_rope_linear_scaling_is_position_interpolation():
+    plain = RotaryEmbedding(16, 512)
+    scaled = RotaryEmbedding(16, 512, scaling={"rope_type": "linear", "factor": 8.0})
+    c1, s1 = scaled(torch.tensor([8, 80, 400]))
+    c0, s0 = plain(torch.tensor([1, 10, 50]))
+    torch.testing.assert_close(c1, c0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(s1, s0, atol=1e-5, rtol=0)
+
+
+def test_embedding_model_without_rope_is_order_sensitive_only_through_positions():
+    # With no position information at all, attention would not see token order; the sinusoidal table fixes it.
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=16, use_rope=False)).eval()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    swapped = torch.tensor([[2, 1, 3, 4]])
+    assert not torch.allclose(model(ids).logits[0, -1], model(swapped).logits[0, -1])

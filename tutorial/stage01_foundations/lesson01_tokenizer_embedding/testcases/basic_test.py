@@ -78,3 +78,58 @@ def test_tokenizer_save_load(tmp_path):
     tok.save(tmp_path / "tok.json")
     back = ByteLevelBPETokenizer.load(tmp_path / "tok.json")
     assert back.merges == tok.merges and back.encode("the mat") == tok.encode("the mat")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Part 2: embeddings and positions (appended by the model lessons; own imports, names prefixed test_embedding_/rope_)
+# ------------------------------------------------------------------------------------------------------------------
+import math  # noqa: E402
+
+import torch  # noqa: E402
+
+from intro2llm.model.embedding import (  # noqa: E402
+    RotaryEmbedding,
+    SinusoidalPositionalEncoding,
+    TokenEmbedding,
+    sinusoidal_table,
+)
+
+
+def test_embedding_lookup_is_one_hot_matmul():
+    torch.manual_seed(0)
+    emb = TokenEmbedding(11, 6)
+    ids = torch.tensor([[3, 0, 10]])
+    one_hot = torch.nn.functional.one_hot(ids, 11).float()
+    torch.testing.assert_close(emb(ids), one_hot @ emb.weight)
+
+
+def test_embedding_rejects_out_of_range_ids():
+    emb = TokenEmbedding(11, 6)
+    for bad in ([[11]], [[-1]]):
+        with pytest.raises(ValueError, match="vocabulary"):
+            emb(torch.tensor(bad))
+
+
+def test_embedding_sinusoidal_by_hand():
+    table = sinusoidal_table(4, 4)  # omega = [1, 1/100]
+    assert table[2, 0].item() == pytest.approx(math.sin(2.0), abs=1e-6)
+    assert table[2, 1].item() == pytest.approx(math.cos(2.0), abs=1e-6)
+    assert table[2, 2].item() == pytest.approx(math.sin(2.0 / 100), abs=1e-6)
+    assert table[2, 3].item() == pytest.approx(math.cos(2.0 / 100), abs=1e-6)
+    x = torch.zeros(1, 4, 4)
+    torch.testing.assert_close(SinusoidalPositionalEncoding(4, 4)(x)[0], table)
+
+
+def test_rope_preserves_norms_and_position_zero_is_identity():
+    torch.manual_seed(0)
+    rot = RotaryEmbedding(8, 32)
+    q, k = torch.randn(1, 2, 5, 8), torch.randn(1, 1, 5, 8)
+    cos, sin = rot(torch.arange(5))
+    q_rot, k_rot = RotaryEmbedding.rotate(q, k, cos, sin)
+    torch.testing.assert_close(q_rot.norm(dim=-1), q.norm(dim=-1))
+    torch.testing.assert_close(q_rot[:, :, 0], q[:, :, 0])  # angle 0
+    # d = 2, theta_0 = 1: position 1 rotates (1, 0) by one radian
+    c, s = RotaryEmbedding(2, 4)(torch.tensor([1]))
+    x = torch.tensor([1.0, 0.0]).view(1, 1, 1, 2)
+    out, _ = RotaryEmbedding.rotate(x, x, c, s)
+    torch.testing.assert_close(out.flatten(), torch.tensor([math.cos(1.0), math.sin(1.0)]))

@@ -1,0 +1,298 @@
+"""Hugging Face checkpoint format for ``CausalLM``: ``config.json`` + safetensors (single file or sharded).
+
+Reads and writes what ``transformers``' ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` read and write:
+
+- config: HF field names are ours (``vocab_size``, ``num_key_value_heads``, ``rms_norm_eps``, …); RoPE comes
+  from ``rope_parameters`` (transformers ≥ 5) or ``rope_theta`` + ``rope_scaling`` (older files); Llama's
+  ``attention_bias`` covers q/k/v/o, Qwen2 always has q/k/v biases and none on o_proj.
+- tensors: HF names are ours with a ``model.`` prefix (``model.layers.0.self_attn.q_proj.weight`` ↔
+  ``layers.0.self_attn.q_proj.weight``); ``lm_head.weight`` is absent from files of tied models.
+
+Loading checks everything before copying: missing tensors, unexpected tensors and shape mismatches are listed
+together in one ``ValueError``. Not handled: ``pytorch_model.bin`` (pickle) files, quantized checkpoints,
+Qwen2 with sliding windows on only some layers, activations other than SiLU, tokenizer files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from intro2llm.model.config import ModelConfig
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
+SAFE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config.json ↔ ModelConfig
+# ---------------------------------------------------------------------------------------------------------------
+def _first_id(value: Any) -> int | None:
+    if isinstance(value, list):
+        return int(value[0]) if value else None
+    return None if value is None else int(value)
+
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """ModelConfig from a Hugging Face ``config.json`` dict (model_type llama or qwen2)."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"unsupported model_type {model_type!r}; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"unsupported hidden_act {act!r}: only 'silu' (SwiGLU) is supported")
+    rope = dict(hf.get("rope_parameters") or {})
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling") or None
+    if rope.get("rope_type", "default") != "default":
+        scaling = rope
+    if scaling is not None:
+        scaling = dict(scaling)
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind == "default":
+            scaling = None
+        elif kind not in ("linear", "llama3"):
+            raise ValueError(f"unsupported rope scaling {kind!r}: supported are 'linear' and 'llama3'")
+    if model_type == "qwen2":
+        qkv_bias, o_bias = True, False
+        window = None
+        if hf.get("use_sliding_window"):
+            layers_sliding = hf["num_hidden_layers"] - min(hf.get("max_window_layers", 0), hf["num_hidden_layers"])
+            if layers_sliding == hf["num_hidden_layers"]:
+                window = hf.get("sliding_window")
+            elif layers_sliding > 0:
+                raise ValueError("unsupported Qwen2 config: sliding window on only some layers (max_window_layers)")
+    else:
+        qkv_bias = o_bias = bool(hf.get("attention_bias", False))
+        window = None
+    ids = {k: _first_id(hf.get(k)) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    ids = {k: v for k, v in ids.items() if v is not None and 0 <= v < hf["vocab_size"]}
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=hf["num_attention_heads"],
+        num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim"),
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=qkv_bias,
+        attention_output_bias=o_bias,
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        sliding_window=window,
+        initializer_range=float(hf.get("initializer_range", 0.02)),
+        model_type=model_type,
+        **ids,
+    )
+
+
+def config_to_hf(config: ModelConfig, model_type: str | None = None, dtype: torch.dtype | None = None
+                 ) -> dict[str, Any]:
+    """Hugging Face ``config.json`` dict for ``config``; ``ValueError`` when the model has no HF equivalent."""
+    model_type = model_type or config.model_type
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"unsupported model_type {model_type!r}; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    problems = []
+    if not config.use_rms_norm:
+        problems.append("use_rms_norm=False (LayerNorm)")
+    if not config.use_rope:
+        problems.append("use_rope=False (sinusoidal positions)")
+    if config.ffn_type != "swiglu":
+        problems.append(f"ffn_type={config.ffn_type!r}")
+    if config.norm_position != "pre":
+        problems.append("norm_position='post'")
+    if model_type == "llama" and config.attention_bias != config.attention_output_bias:
+        problems.append("llama needs attention_bias == attention_output_bias")
+    if model_type == "qwen2" and (not config.attention_bias or config.attention_output_bias):
+        problems.append("qwen2 needs attention_bias=True and attention_output_bias=False")
+    if model_type == "qwen2" and config.mlp_bias:
+        problems.append("qwen2 has no mlp_bias")
+    if model_type == "llama" and config.sliding_window is not None:
+        problems.append("llama has no sliding window")
+    if problems:
+        raise ValueError(f"cannot express this model as Hugging Face {model_type}: {'; '.join(problems)}")
+    rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling is not None:
+        rope_parameters = {**config.rope_scaling, "rope_theta": config.rope_theta}
+        rope_parameters["rope_type"] = rope_parameters.pop("type", rope_parameters.get("rope_type"))
+    hf: dict[str, Any] = {
+        "architectures": [_ARCHITECTURES[model_type]],
+        "model_type": model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,  # older transformers read these two
+        "rope_scaling": config.rope_scaling,
+        "rope_parameters": rope_parameters,  # transformers >= 5
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "initializer_range": config.initializer_range,
+        "attention_dropout": 0.0,
+        "pad_token_id": config.pad_token_id,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "use_cache": True,
+    }
+    if model_type == "llama":
+        hf.update(attention_bias=config.attention_bias, mlp_bias=config.mlp_bias, pretraining_tp=1)
+    else:
+        hf.update(use_sliding_window=config.sliding_window is not None, sliding_window=config.sliding_window,
+                  max_window_layers=0 if config.sliding_window is not None else config.num_hidden_layers)
+    if dtype is not None:
+        hf["torch_dtype"] = str(dtype).replace("torch.", "")
+    return hf
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tensor names
+# ---------------------------------------------------------------------------------------------------------------
+def hf_name(name: str) -> str:
+    """Our parameter name → the Hugging Face tensor name."""
+    return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+def our_name(name: str) -> str:
+    """Hugging Face tensor name → ours."""
+    return name[len("model."):] if name.startswith("model.") else name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------------------------
+def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    single, index = directory / SAFE_NAME, directory / INDEX_NAME
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            path = directory / shard
+            if not path.is_file():
+                raise ValueError(f"shard {shard} named in {index} is missing")
+            tensors.update(load_file(str(path)))
+        return tensors
+    raise ValueError(f"no {SAFE_NAME} or {INDEX_NAME} in {directory} (pickle .bin checkpoints are not supported)")
+
+
+def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None):
+    """``CausalLM`` from a Hugging Face-format directory; errors list missing/unexpected/mismatched tensors."""
+    from intro2llm.model.causal_lm import CausalLM
+
+    directory = Path(path)
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise ValueError(f"no config.json in {directory}")
+    config = config_from_hf(json.loads(cfg_path.read_text()))
+    tensors = {our_name(k): v for k, v in _read_tensors(directory).items() if not k.endswith(_IGNORED_SUFFIXES)}
+    model = CausalLM(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        tensors.pop("lm_head.weight", None)  # some tied checkpoints store it anyway
+    missing = sorted(hf_name(k) for k in expected if k not in tensors)
+    unexpected = sorted(hf_name(k) for k in tensors if k not in expected)
+    mismatched = sorted(
+        f"{hf_name(k)}: file {tuple(t.shape)} vs model {tuple(expected[k])}"
+        for k, t in tensors.items() if k in expected and tuple(t.shape) != tuple(expected[k])
+    )
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing}")
+        if unexpected:
+            parts.append(f"unexpected tensors {unexpected}")
+        if mismatched:
+            parts.append(f"shape mismatches {mismatched}")
+        raise ValueError(f"checkpoint {directory} does not match its config.json: " + "; ".join(parts))
+    if dtype is None:
+        dtype = tensors["embed_tokens.weight"].dtype
+    model.load_state_dict(tensors, strict=False)  # strictness checked above (lm_head may be tied)
+    return model.to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# saving
+# ---------------------------------------------------------------------------------------------------------------
+def _atomic_write_bytes(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    _atomic_write_bytes(path, write)
+
+
+def save_pretrained(model, path: str | os.PathLike, model_type: str | None = None,
+                    max_shard_bytes: int | None = None) -> None:
+    """Write ``config.json`` and ``model.safetensors`` (or shards + index) that ``transformers`` loads."""
+    from safetensors.torch import save_file
+
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    dtype = state["embed_tokens.weight"].dtype
+    hf_cfg = config_to_hf(model.config, model_type, dtype)
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    tensors = {hf_name(k): v.detach().to("cpu").contiguous() for k, v in state.items()}
+    meta = {"format": "pt"}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if max_shard_bytes is None or total <= max_shard_bytes:
+        (directory / INDEX_NAME).unlink(missing_ok=True)  # a stale index would not be read, but would confuse
+        _atomic_write_bytes(directory / SAFE_NAME, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    else:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = t
+            size += nbytes
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _atomic_write_bytes(directory / fname, lambda tmp, s=shard: save_file(s, tmp, metadata=meta))
+            weight_map.update({name: fname for name in shard})
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / SAFE_NAME).unlink(missing_ok=True)  # the loader prefers a single file: drop a stale one
+        _atomic_write_text(directory / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True))
+    _atomic_write_text(directory / "config.json", json.dumps(hf_cfg, indent=2, sort_keys=True))

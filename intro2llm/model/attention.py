@@ -1,0 +1,111 @@
+"""Multi-head self-attention with grouped key/value heads (MHA, GQA, MQA), causal/sliding-window/padding masks.
+
+``Attention(Q, K, V) = softmax(Q Kᵀ / √d + M) V`` (Vaswani et al., 2017), computed per head. Grouped-query
+attention (Ainslie et al., 2023) shares each key/value head among ``H / Hkv`` query heads: the KV cache shrinks
+by that factor. ``Hkv == H`` is classic multi-head attention, ``Hkv == 1`` multi-query attention (Shazeer, 2019).
+
+The attention itself is ``intro2llm.ops.flash_attention`` (B, H, T, D) tensors, k/v with Hkv heads — the op
+maps query head h to kv head ``h // (H / Hkv)`` itself, so this module never materializes ``repeat_kv``
+(the helper below is the lesson's explanation and the tests' oracle). Masks: ``causal=True`` with bottom-right
+alignment (decoding with a cache), ``window=config.sliding_window`` (Mistral), and a key padding mask (B, Tk)
+for left-padded batches. The mask helpers below build the same boolean masks explicitly for the lesson/tests.
+
+Not handled: attention dropout (the op has none; ``config.dropout`` applies to the output projection),
+cross-attention, ALiBi/arbitrary additive biases.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from intro2llm import ops
+from intro2llm.model.config import ModelConfig
+from intro2llm.model.kv_cache import KVCache
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, Hkv, T, D) → (B, Hkv·n_rep, T, D): query head h reads kv head h // n_rep (Hugging Face's repeat_kv)."""
+    if n_rep == 1:
+        return x
+    B, Hkv, T, D = x.shape
+    return x[:, :, None].expand(B, Hkv, n_rep, T, D).reshape(B, Hkv * n_rep, T, D)
+
+
+def causal_mask(Tq: int, Tk: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """(Tq, Tk) bool keep-mask: query i (at position i + Tk - Tq) sees keys j ≤ its position."""
+    Tk = Tq if Tk is None else Tk
+    q_pos = torch.arange(Tq, device=device)[:, None] + (Tk - Tq)  # bottom-right alignment
+    return torch.arange(Tk, device=device)[None, :] <= q_pos
+
+
+def sliding_window_mask(Tq: int, window: int, Tk: int | None = None,
+                        device: torch.device | str | None = None) -> torch.Tensor:
+    """(Tq, Tk) bool keep-mask of causal attention limited to the last ``window`` keys (itself included)."""
+    Tk = Tq if Tk is None else Tk
+    q_pos = torch.arange(Tq, device=device)[:, None] + (Tk - Tq)
+    k_pos = torch.arange(Tk, device=device)[None, :]
+    return (k_pos <= q_pos) & (k_pos > q_pos - window)
+
+
+def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, Tk) 0/1 attention mask (1 = real token) → (B, 1, 1, Tk) bool keep-mask broadcastable to scores."""
+    return attention_mask.to(torch.bool)[:, None, None, :]
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None = None,
+                    scale: float | None = None) -> torch.Tensor:
+    """The formula written out (lesson code, test oracle): q (B, H, Tq, D), k/v (B, Hkv, Tk, D), keep bool mask."""
+    H = q.shape[1]
+    k, v = repeat_kv(k, H // k.shape[1]), repeat_kv(v, H // v.shape[1])
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v  # (B, H, Tq, D)
+
+
+class GroupedQueryAttention(nn.Module):
+    """Self-attention with ``num_attention_heads`` query heads and ``num_key_value_heads`` key/value heads."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        C = config.hidden_size
+        self.q_proj = nn.Linear(C, config.q_size, bias=config.attention_bias)
+        self.k_proj = nn.Linear(C, config.kv_size, bias=config.attention_bias)
+        self.v_proj = nn.Linear(C, config.kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(config.q_size, C, bias=config.attention_output_bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # cos, sin: (T, D) or (B, T, D)
+        kv_cache: KVCache | None = None,
+        key_padding_mask: torch.Tensor | None = None,  # (B, Tk) bool, True = real token
+    ) -> torch.Tensor:  # (B, T, C)
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if rope is not None:
+            q, k = ops.apply_rope(q, k, rope[0], rope[1])
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, T_past + T, D)
+        out = ops.flash_attention(
+            q, k, v, causal=True, window=self.config.sliding_window, key_padding_mask=key_padding_mask
+        )  # (B, H, T, D)
+        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H·D)
+        return self.dropout(self.o_proj(out))
+
+
+class MultiHeadAttention(GroupedQueryAttention):
+    """Classic multi-head attention: one key/value head per query head (``num_key_value_heads`` is ignored)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
+        super().__init__(config.replace(num_key_value_heads=config.num_attention_heads), layer_idx)

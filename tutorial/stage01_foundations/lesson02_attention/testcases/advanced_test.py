@@ -1,0 +1,85 @@
+"""Lesson 02 advanced tests: GQA equals MHA with repeated K/V weights, causal leakage, sliding windows and
+padding masks against PyTorch SDPA, and decoding (Tq < Tk) against the full computation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from intro2llm.model import GroupedQueryAttention, ModelConfig, MultiHeadAttention, StaticKVCache
+from intro2llm.model.attention import causal_mask, sliding_window_mask
+
+
+def config(**kw) -> ModelConfig:
+    base = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64)
+    return ModelConfig(**{**base, **kw})
+
+
+def test_gqa_equals_mha_with_repeated_kv_weights():
+    torch.manual_seed(0)
+    gqa = GroupedQueryAttention(config(num_key_value_heads=2))
+    mha = MultiHeadAttention(config())
+    d, group = 8, 2
+    with torch.no_grad():
+        mha.q_proj.weight.copy_(gqa.q_proj.weight)
+        mha.o_proj.weight.copy_(gqa.o_proj.weight)
+        for name in ("k_proj", "v_proj"):  # (Hkv·d, C) → (H·d, C): each kv head's rows repeated per group
+            w = getattr(gqa, name).weight.view(2, d, 32).repeat_interleave(group, dim=0).reshape(32, 32)
+            getattr(mha, name).weight.copy_(w)
+    x = torch.randn(2, 7, 32)
+    torch.testing.assert_close(gqa(x), mha(x), atol=1e-5, rtol=1e-5)
+
+
+def test_changing_future_tokens_never_changes_past_outputs():
+    torch.manual_seed(0)
+    attn = GroupedQueryAttention(config())
+    x = torch.randn(1, 10, 32)
+    y = x.clone()
+    y[:, 6:] = torch.randn(1, 4, 32)
+    torch.testing.assert_close(attn(x)[:, :6], attn(y)[:, :6], atol=0, rtol=0)
+
+
+def _reference(attn, x, keep):
+    B, T, _ = x.shape
+    q = attn.q_proj(x).view(B, T, 4, 8).transpose(1, 2)
+    k = attn.k_proj(x).view(B, T, 2, 8).transpose(1, 2).repeat_interleave(2, 1)
+    v = attn.v_proj(x).view(B, T, 2, 8).transpose(1, 2).repeat_interleave(2, 1)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    return attn.o_proj(o.transpose(1, 2).reshape(B, T, 32))
+
+
+def test_sliding_window_against_sdpa():
+    torch.manual_seed(0)
+    attn = GroupedQueryAttention(config(sliding_window=3))
+    x = torch.randn(2, 9, 32)
+    torch.testing.assert_close(attn(x), _reference(attn, x, sliding_window_mask(9, 3)), atol=1e-5, rtol=1e-5)
+
+
+def test_padding_mask_real_tokens_ignore_pads():
+    torch.manual_seed(0)
+    attn = GroupedQueryAttention(config())
+    real = torch.randn(1, 4, 32)
+    padded = torch.cat([torch.randn(1, 3, 32) * 100, real], dim=1)  # 3 pad positions with garbage
+    pad = torch.tensor([[False] * 3 + [True] * 4])
+    out = attn(padded, key_padding_mask=pad)[:, 3:]
+    # without RoPE the position offset does not matter: real tokens alone give the same result
+    torch.testing.assert_close(out, attn(real), atol=1e-5, rtol=1e-5)
+    # the first pad query sees no key at all: attention output 0, so o_proj (no bias) gives exactly 0
+    assert torch.equal(attn(padded, key_padding_mask=pad)[0, 0], torch.zeros(32))
+
+
+def test_decoding_with_cache_equals_full_attention():
+    torch.manual_seed(0)
+    cfg = config()
+    attn = GroupedQueryAttention(cfg)
+    x = torch.randn(2, 8, 32)
+    full = attn(x)
+    cache = StaticKVCache.from_config(cfg, batch_size=2, max_seq_len=8)
+    outs = [attn(x[:, :5], kv_cache=cache)]
+    cache.advance(5)
+    for t in range(5, 8):  # one token at a time: Tq = 1, Tk = t + 1
+        outs.append(attn(x[:, t : t + 1], kv_cache=cache))
+        cache.advance(1)
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
+    assert causal_mask(1, 8).all()
