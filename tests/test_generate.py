@@ -10,16 +10,6 @@ from intro2llm.model import CausalLM, ModelConfig, sample_next_token, top_k_filt
 from intro2llm.model.causal_lm import apply_repetition_penalty
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    # Decoding makes thousands of tiny op calls; on a shared 2-core machine a second OpenMP thread is often
-    # descheduled and every parallel region then waits for it (measured: 11 s → 150 s for these tests).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model(seed: int = 0, **kw) -> CausalLM:
     torch.manual_seed(seed)
     base = dict(vocab_size=71, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

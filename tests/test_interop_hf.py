@@ -22,16 +22,6 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    # Decoding makes thousands of tiny op calls; on a shared 2-core machine a second OpenMP thread is often
-    # descheduled and every parallel region then waits for it (measured: 11 s → 150 s for these tests).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_hf(cls, cfg_cls, seed=0, **kw):
     torch.manual_seed(seed)
     model = cls(cfg_cls(**{**TINY, **kw})).eval()

@@ -81,6 +81,22 @@ def test_non_contiguous_input(backend):
         torch.testing.assert_close(f, r, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif("cpp" not in FAST, reason="cpp backend unavailable on this machine")
+@pytest.mark.parametrize("threads", [2, 3])
+def test_cpp_multithreaded_reduction(threads):
+    # grad_weight is summed from one partial row per thread chunk: check it with several chunks
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, w, dy = _inputs((37, 129), torch.float32)
+        fast = _run(lambda a, b: ops.rms_norm(a, b, backend="cpp"), x, w, dy)
+    finally:
+        torch.set_num_threads(before)
+    ref = _run(ops.rms_norm_reference, x, w, dy)
+    for f, r in zip(fast, ref):
+        torch.testing.assert_close(f, r, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend", FAST)
 def test_weight_in_another_dtype(backend):
     # autocast-style mix: bf16 activations, fp32 weight → output in x's dtype, grad_weight in fp32

@@ -3,20 +3,9 @@ streaming, sampling frequencies, fused loss, and logits equal to transformers' L
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from intro2llm.model import CausalLM, ModelConfig, sample_next_token
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    # Thousands of tiny op calls: on a shared 2-core machine a second OpenMP thread is often descheduled and
-    # every parallel region waits for it (the overfit test: 1 s single-threaded, 160 s with 2 threads).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def config(**kw) -> ModelConfig:

@@ -14,16 +14,6 @@ from intro2llm.model import CausalLM, ModelConfig, top_p_filter
 from intro2llm.model.analysis import count_parameters
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    # Thousands of tiny op calls: on a shared 2-core machine a second OpenMP thread is often descheduled and
-    # every parallel region waits for it (the overfit test: 1 s single-threaded, 160 s with 2 threads).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def config(**kw) -> ModelConfig:
     base = dict(vocab_size=53, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=64)
