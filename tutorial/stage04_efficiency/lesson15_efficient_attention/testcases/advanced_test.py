@@ -1,0 +1,66 @@
+"""Lesson 15 advanced tests: the fast flash attention (default backend) against the naive formula — GQA without
+copies, cached decoding, gradients — and its memory: O(T·D) extra, where the naive formula needs O(T²)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import intro2llm.ops as ops
+
+
+def _grads(fn, q, k, v, do):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(do)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("kv_heads", [8, 2, 1])
+def test_flash_attention_matches_naive_forward_and_backward(kv_heads):
+    torch.manual_seed(0)
+    q, do = torch.randn(2, 8, 67, 32), torch.randn(2, 8, 67, 32)
+    k, v = torch.randn(2, kv_heads, 67, 32), torch.randn(2, kv_heads, 67, 32)
+    got = _grads(lambda a, b, c: ops.flash_attention(a, b, c, window=20), q, k, v, do)
+    want = _grads(lambda a, b, c: ops.flash_attention_reference(a, b, c, window=20), q, k, v, do)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=5e-5, rtol=5e-5)
+    assert got[2].shape == k.shape  # dK is summed over each group of query heads, not repeated
+
+
+def test_decoding_step_equals_last_row_of_prefill():
+    # with a KV cache, one new query at the end must see exactly what the last row of a full pass sees
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 40, 64), torch.randn(1, 2, 40, 64), torch.randn(1, 2, 40, 64)
+    full = ops.flash_attention(q, k, v, causal=True, window=16)
+    step = ops.flash_attention(q[:, :, -1:], k, v, causal=True, window=16)
+    torch.testing.assert_close(step, full[:, :, -1:], atol=1e-5, rtol=1e-5)
+
+
+_CHILD = r"""
+import torch, intro2llm.ops as ops
+def rss(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
+with torch.no_grad():
+    q, k, v = (torch.randn(1, 4, 2048, 64) for _ in "qkv")
+    for fn in (ops.flash_attention, ops.flash_attention_reference):  # flash first: nothing freed before it
+        fn(*(t[:, :, :64] for t in (q, k, v)))  # warm-up: library initialization is not counted
+        open("/proc/self/clear_refs", "w").write("5")
+        before = rss("VmRSS:")
+        fn(q, k, v)
+        print(rss("VmHWM:") - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to read peak memory")
+def test_flash_memory_is_linear_naive_is_quadratic():
+    # one fresh process measures both (VmHWM reset before each call, minus VmRSS before it)
+    out = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, check=True)
+    flash, naive = (int(x) for x in out.stdout.split()[-2:])
+    scores_kib = 4 * 2048 * 2048 * 4 // 1024  # one fp32 (H, T, T) score matrix: 64 MiB
+    assert naive >= scores_kib  # the naive formula materializes at least one score matrix
+    assert flash < scores_kib / 8, f"flash attention used {flash} KiB, naive {naive} KiB"
