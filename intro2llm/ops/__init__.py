@@ -11,7 +11,20 @@ from intro2llm.ops._dispatch import (
     backend_status,
     use_backend,
 )
+from intro2llm.ops.cross_entropy import cross_entropy, cross_entropy_reference
+from intro2llm.ops.flash_attention import (
+    flash_attention,
+    flash_attention_reference,
+    flash_attention_tiled_reference,
+)
+from intro2llm.ops.fused_linear_cross_entropy import (
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_reference,
+)
+from intro2llm.ops.layer_norm import layer_norm, layer_norm_reference
 from intro2llm.ops.rms_norm import rms_norm, rms_norm_reference
+from intro2llm.ops.rope import apply_rope, apply_rope_reference
+from intro2llm.ops.swiglu import geglu, geglu_reference, swiglu, swiglu_reference
 
 __all__ = [
     "BACKENDS",
@@ -19,28 +32,21 @@ __all__ = [
     "available_backends",
     "backend_status",
     "use_backend",
+    "apply_rope",
+    "apply_rope_reference",
+    "cross_entropy",
+    "cross_entropy_reference",
+    "flash_attention",
+    "flash_attention_reference",
+    "flash_attention_tiled_reference",
+    "fused_linear_cross_entropy",
+    "fused_linear_cross_entropy_reference",
+    "geglu",
+    "geglu_reference",
+    "layer_norm",
+    "layer_norm_reference",
     "rms_norm",
     "rms_norm_reference",
+    "swiglu",
+    "swiglu_reference",
 ]
-
-# Ops still being written by other issues are added here as their modules land (see DESIGN.md's op list).
-import importlib as _importlib
-
-for _module, _names in (
-    ("layer_norm", ("layer_norm", "layer_norm_reference")),
-    ("rope", ("apply_rope", "apply_rope_reference")),
-    ("swiglu", ("swiglu", "swiglu_reference", "geglu", "geglu_reference")),
-    ("cross_entropy", ("cross_entropy", "cross_entropy_reference")),
-    ("fused_linear_cross_entropy", ("fused_linear_cross_entropy", "fused_linear_cross_entropy_reference")),
-    ("flash_attention", ("flash_attention", "flash_attention_reference", "flash_attention_tiled_reference")),
-):
-    try:
-        _mod = _importlib.import_module(f"intro2llm.ops.{_module}")
-    except ModuleNotFoundError as _exc:
-        if _exc.name != f"intro2llm.ops.{_module}":
-            raise
-        continue
-    for _name in _names:
-        if hasattr(_mod, _name):
-            globals()[_name] = getattr(_mod, _name)
-            __all__.append(_name)
