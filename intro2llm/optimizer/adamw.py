@@ -1,0 +1,165 @@
+"""AdamW: Adam with decoupled weight decay, written out step by step.
+
+Reference: Loshchilov & Hutter, "Decoupled Weight Decay Regularization" (ICLR 2019); Kingma & Ba, "Adam" (2015).
+For each parameter p with gradient g at step t (1-based):
+
+    p   <- p * (1 - lr * wd)                      # decoupled decay: not part of the gradient
+    m   <- beta1 * m + (1 - beta1) * g            # first moment (written as lerp, like torch)
+    v   <- beta2 * v + (1 - beta2) * g^2          # second moment
+    p   <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+The constructor, the state names (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) and the order of the
+floating-point operations follow ``torch.optim.AdamW``, so the two agree to the last bit on CPU and their state
+dicts load into each other. ``foreach=True`` (the default) updates all tensors of a group with ``torch._foreach_*``
+(one C++ loop per operation instead of a Python loop per tensor); ``foreach=False`` is the readable per-tensor loop.
+
+Not handled: complex parameters, sparse gradients, ``capturable``/``differentiable`` (CUDA graphs and
+differentiating through the step) — those raise ``ValueError``. ``fused=True`` is accepted and means ``foreach``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+
+class AdamW(Optimizer):
+    """AdamW with the signature of ``torch.optim.AdamW`` (see the module docstring for the update)."""
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        if isinstance(lr, torch.Tensor) or not 0.0 <= lr:
+            raise ValueError(f"AdamW: lr must be a float >= 0, got {lr!r}")
+        if not 0.0 <= eps:
+            raise ValueError(f"AdamW: eps must be >= 0, got {eps}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"AdamW: betas must be in [0, 1), got {betas}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"AdamW: weight_decay must be >= 0, got {weight_decay}")
+        if capturable or differentiable:
+            raise ValueError("AdamW: capturable=True and differentiable=True are not supported here")
+        # foreach is on unless the caller asks for the per-tensor loop; fused=True is our foreach path.
+        use_foreach = True if foreach is None else bool(foreach)
+        if fused:
+            use_foreach = True
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+            foreach=use_foreach, capturable=False, differentiable=False, fused=fused,
+        )
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", True)
+            for p in group["params"]:
+                s = self.state.get(p, {})
+                # torch stores step as a float32 tensor; accept older plain numbers too.
+                if "step" in s and not torch.is_tensor(s["step"]):
+                    s["step"] = torch.tensor(float(s["step"]), dtype=torch.float32)
+
+    def _init_group(self, group: dict[str, Any]) -> tuple[list, list, list, list, list, list]:
+        params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise ValueError("AdamW: sparse gradients are not supported")
+            if torch.is_complex(p):
+                raise ValueError("AdamW: complex parameters are not supported")
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                max_sqs.append(state["max_exp_avg_sq"])
+            steps.append(state["step"])
+        return params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 - same signature as torch optimizers
+        """One AdamW update of every parameter that has a gradient; returns ``closure()`` if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = self._init_group(group)
+            if not params:
+                continue
+            fn = _adamw_foreach if group["foreach"] else _adamw_loop
+            fn(
+                params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps,
+                lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                weight_decay=group["weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"],
+            )
+        return loss
+
+
+def _adamw_loop(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
+                amsgrad, maximize) -> None:
+    """The readable version: one parameter at a time (the lesson's formulas, in torch's operation order)."""
+    for i, p in enumerate(params):
+        g = -grads[i] if maximize else grads[i]
+        m, v = exp_avgs[i], exp_avg_sqs[i]
+        steps[i] += 1
+        t = steps[i].item()
+        p.mul_(1 - lr * weight_decay)  # decoupled weight decay
+        m.lerp_(g, 1 - beta1)  # m = beta1*m + (1-beta1)*g
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v = beta2*v + (1-beta2)*g^2
+        step_size = lr / (1 - beta1**t)
+        bc2_sqrt = (1 - beta2**t) ** 0.5
+        if amsgrad:
+            torch.maximum(max_sqs[i], v, out=max_sqs[i])
+            v = max_sqs[i]
+        denom = (v.sqrt() / bc2_sqrt).add_(eps)
+        p.addcdiv_(m, denom, value=-step_size)
+
+
+def _adamw_foreach(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
+                   amsgrad, maximize) -> None:
+    """The same update with ``torch._foreach_*``: each line runs over the whole list of tensors at once."""
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    torch._foreach_add_(steps, 1.0)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    ts = [s.item() for s in steps]
+    step_sizes = [-(lr / (1 - beta1**t)) for t in ts]
+    bc2_sqrts = [(1 - beta2**t) ** 0.5 for t in ts]
+    if amsgrad:
+        torch._foreach_maximum_(max_sqs, exp_avg_sqs)
+        denom = torch._foreach_sqrt(max_sqs)
+    else:
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bc2_sqrts)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)

@@ -1,0 +1,241 @@
+"""``intro2llm train``: pretrain a ``CausalLM`` from the command line (also under ``torchrun ... -m intro2llm train``).
+
+    intro2llm train --config tiny --data synthetic --out runs/tiny        # the README's first run (~3 min on 2 cores)
+    intro2llm train --config tiny --data stdlib --steps 2000 --out runs/py
+    intro2llm train --data PATH --out DIR                                  # a shard dir (index.json) or text file/dir
+    intro2llm train --out runs/tiny --resume                               # continue from the newest checkpoint
+    torchrun --nproc_per_node=2 -m intro2llm train --batch-size 32 ...    # DDP: same losses as one process
+
+``DIR`` receives ``data/`` (tokenizer-ready shards), ``checkpoints/``, ``metrics.jsonl``, ``tb/`` and, at the end,
+``config.json`` + ``model.safetensors`` + ``tokenizer.json``, loadable with ``CausalLM.from_pretrained(DIR)`` and
+``intro2llm.training.pretrain_trainer.load_tokenizer(DIR)``. This module imports no torch at the top level (the CLI
+lists commands quickly); the handler imports what it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+# Defaults tuned so that `intro2llm train` (tiny model, synthetic arithmetic) fits in ~3 minutes on 2 CPU cores.
+DEFAULTS = dict(steps=600, batch_size=16, seq_len=64, lr=3e-3, warmup=30)
+
+
+def register(subparsers) -> None:  # noqa: ANN001 - argparse's private subparsers type
+    p = subparsers.add_parser(
+        "train",
+        help="pretrain a model (default: tiny on synthetic arithmetic, ~3 min on 2 CPU cores)",
+        description="Pretrain a CausalLM with the intro2llm Trainer; works the same under torchrun (DDP).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", default="tiny", help="model preset (intro2llm.configs) or a JSON file of ModelConfig "
+                                                      "fields; vocab_size is set from the tokenizer")
+    p.add_argument("--data", default="synthetic",
+                   help="synthetic | stdlib | PATH (a shard dir with index.json, a text file, or a dir of text)")
+    p.add_argument("--eval-data", default=None, help="held-out shard dir (default: DIR/data/val when built here)")
+    p.add_argument("--out", default="runs/train", help="output directory DIR")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in DIR")
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
+                   help="global batch (sequences per step, all processes)")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="rows per forward (gradient accumulation)")
+    p.add_argument("--seq-len", type=int, default=DEFAULTS["seq_len"], help="tokens per training sequence")
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="peak learning rate")
+    p.add_argument("--min-lr", type=float, default=None, help="final learning rate (default lr/10)")
+    p.add_argument("--warmup", type=int, default=DEFAULTS["warmup"], help="warmup steps")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant", "wsd"])
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "lion", "torch-adamw"])
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="global-norm clip (0: off)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="bf16 = autocast; auto = bf16 where the hardware has native bf16 matmuls, else fp32")
+    p.add_argument("--eval-every", type=int, default=200, help="evaluate every N steps (and at the end)")
+    p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="multi-process wrapping (fsdp: GPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary for stdlib/text data")
+    p.add_argument("--max-bytes", type=int, default=8_000_000, help="text bytes read for stdlib/text data")
+    p.add_argument("--synthetic-docs", type=int, default=50_000, help="synthetic training problems to generate")
+    p.add_argument("--accuracy-samples", type=int, default=200,
+                   help="synthetic data: greedy exact-match accuracy on N fresh problems at the end (0: skip)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--no-tensorboard", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _fail(msg: str) -> int:
+    print(f"intro2llm train: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _model_config(spec: str, vocab_size: int, seq_len: int, tokenizer):  # noqa: ANN001, ANN202
+    from intro2llm.configs import get_config
+    from intro2llm.model.config import ModelConfig
+
+    if spec.endswith(".json") or os.path.sep in spec:
+        if not os.path.isfile(spec):
+            raise ValueError(f"--config {spec!r}: no such file")
+        with open(spec, encoding="utf-8") as f:
+            cfg = ModelConfig.from_dict(json.load(f))
+    else:
+        cfg = get_config(spec)
+    changes = dict(vocab_size=vocab_size, bos_token_id=None, pad_token_id=None,
+                   eos_token_id=getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None)
+    if seq_len + 1 > cfg.max_position_embeddings:  # the trainer feeds windows of seq_len + 1 tokens
+        changes["max_position_embeddings"] = seq_len + 1
+    return cfg.replace(**changes)
+
+
+def _prepare(args, info):  # noqa: ANN001, ANN202
+    """Build (rank 0) or find the data; returns (train_dir, val_dir, tokenizer)."""
+    from pathlib import Path
+
+    from intro2llm.data.pretrain_dataset import INDEX_FILE, DataPathError, read_text_documents
+    from intro2llm.training import pretrain_trainer as pt
+    from intro2llm.training.distributed import barrier, broadcast_object
+
+    out = Path(args.out)
+    data_dir = out / "data"
+    tok_path = out / pt.TOKENIZER_FILE
+    is_shard_dir = args.data not in ("synthetic", "stdlib") and (Path(args.data) / INDEX_FILE).exists()
+    source = {"data": args.data, "seed": args.seed, "vocab_size": args.vocab_size, "max_bytes": args.max_bytes,
+              "synthetic_docs": args.synthetic_docs}
+    source_file = data_dir / "source.json"
+    built = (data_dir / "train" / INDEX_FILE).exists() and tok_path.exists() and source_file.exists() \
+        and json.loads(source_file.read_text()) == source
+    error = None
+    if info.is_main and not is_shard_dir and not built:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            if args.data == "synthetic":
+                tok = pt.prepare_synthetic(data_dir, num_train=args.synthetic_docs, seed=args.seed)
+            elif args.data == "stdlib":
+                from intro2llm.data.corpora import python_stdlib
+
+                tok = pt.prepare_text(python_stdlib(args.max_bytes), data_dir, vocab_size=args.vocab_size)
+            else:
+                docs, size = [], 0
+                for d in read_text_documents(args.data):
+                    docs.append(d)
+                    size += len(d)
+                    if size >= args.max_bytes:
+                        break
+                tok = pt.prepare_text(docs, data_dir, vocab_size=args.vocab_size)
+            tok.save(tok_path)
+            tmp = source_file.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(source))
+            os.replace(tmp, source_file)
+            print(f"data: {args.data} -> {data_dir} ({time.perf_counter() - t0:.1f}s, vocab {tok.vocab_size})",
+                  file=sys.stderr)
+        except (DataPathError, ValueError, OSError) as exc:
+            error = str(exc)
+    error = broadcast_object(error)
+    barrier()
+    if error is not None:
+        raise ValueError(error)
+    if is_shard_dir:
+        src = Path(args.data)
+        tokenizer = None
+        for cand in (src / pt.TOKENIZER_FILE, src.parent / pt.TOKENIZER_FILE):
+            if cand.exists():
+                tokenizer = pt.load_tokenizer(cand)
+                break
+        return src, Path(args.eval_data) if args.eval_data else None, tokenizer
+    val = Path(args.eval_data) if args.eval_data else data_dir / "val"
+    return data_dir / "train", val if (val / INDEX_FILE).exists() else None, pt.load_tokenizer(tok_path)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of ``intro2llm train``; returns the exit code."""
+    from pathlib import Path
+
+    import torch
+
+    from intro2llm.data.pretrain_dataset import PretrainDataset, load_index
+    from intro2llm.model.causal_lm import CausalLM
+    from intro2llm.training import pretrain_trainer as pt
+    from intro2llm.training.checkpoint import CheckpointError, latest_checkpoint
+    from intro2llm.training.distributed import cleanup_distributed, init_distributed
+    from intro2llm.training.trainer import NonFiniteLossError, TrainerConfig
+
+    for name in ("steps", "batch_size", "seq_len"):
+        if getattr(args, name) < 1:
+            return _fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if args.resume:
+        ckpts = out / "checkpoints"
+        if not out.is_dir():
+            return _fail(f"--resume: output directory {out} does not exist")
+        if latest_checkpoint(ckpts) is None:
+            return _fail(f"--resume: no checkpoint found in {ckpts} (expected {ckpts}/step_*/)")
+    elif latest_checkpoint(out / "checkpoints") is not None:
+        return _fail(f"{out} already holds checkpoints of a run; pass --resume to continue it, or choose another --out")
+    info = init_distributed(args.device)
+    try:
+        try:
+            train_dir, val_dir, tokenizer = _prepare(args, info)
+            vocab = tokenizer.vocab_size if tokenizer is not None else load_index(train_dir)[1]["vocab_size"]
+            cfg = _model_config(args.config, vocab, args.seq_len, tokenizer)
+            ds = PretrainDataset(train_dir, args.seq_len, seed=args.seed, vocab_size=cfg.vocab_size)
+            val_ds = PretrainDataset(val_dir, args.seq_len, seed=args.seed, vocab_size=cfg.vocab_size) \
+                if val_dir is not None else None
+        except (ValueError, OSError) as exc:
+            return _fail(str(exc))
+        torch.manual_seed(args.seed)
+        model = CausalLM(cfg)
+        tc = TrainerConfig(
+            steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, lr=args.lr,
+            min_lr=args.min_lr, warmup_steps=min(args.warmup, args.steps), schedule=args.schedule,
+            optimizer=args.optimizer, weight_decay=args.weight_decay, grad_clip=args.grad_clip or None,
+            precision=args.precision, eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep,
+            out_dir=str(out), progress=not args.no_progress, tensorboard=not args.no_tensorboard,
+            device=args.device, strategy=args.strategy,
+            extra={"model_config": args.config, "data": args.data, "seq_len": args.seq_len, "seed": args.seed},
+        )
+        try:
+            trainer = pt.PretrainTrainer(model, tc, ds, eval_dataset=val_ds, eval_batches=args.eval_batches,
+                                         tokenizer=tokenizer, dist_info=info)
+        except ValueError as exc:
+            return _fail(str(exc))
+        if info.is_main:
+            n_params = sum(p.numel() for p in model.parameters())
+            print(f"model: {args.config} ({n_params / 1e6:.2f}M parameters, vocab {cfg.vocab_size}), "
+                  f"{info.world_size} process(es) on {info.device} ({trainer.precision}), "
+                  f"global batch {args.batch_size} x {args.seq_len} tokens, {trainer.accum_steps} micro-batch(es) "
+                  "per step", file=sys.stderr)
+        if args.resume:
+            try:
+                step = trainer.resume(out)
+            except CheckpointError as exc:
+                return _fail(str(exc))
+            if info.is_main:
+                print(f"resumed from step {step}", file=sys.stderr)
+        t0 = time.perf_counter()
+        try:
+            hist = trainer.train()
+        except (NonFiniteLossError, CheckpointError) as exc:
+            return _fail(str(exc))
+        elapsed = time.perf_counter() - t0
+        if info.is_main and hist:
+            last = hist[-1]
+            summary = {"steps": trainer.step, "loss": round(last["loss"], 4), "train_seconds": round(elapsed, 1),
+                       "tokens_per_s": round(last["tokens_per_s"], 1)}
+            if trainer.last_eval is not None:
+                summary["eval_loss"] = round(trainer.last_eval, 4)
+            if args.data == "synthetic" and args.accuracy_samples > 0:
+                summary["accuracy"] = pt.synthetic_accuracy(trainer.raw_model, tokenizer, n=args.accuracy_samples)
+            (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+            print(json.dumps(summary))
+        return 0
+    finally:
+        cleanup_distributed()

@@ -1,0 +1,245 @@
+"""``PretrainTrainer``: next-token pretraining of a ``CausalLM`` on packed token shards.
+
+The data side is ``intro2llm.data.pretrain_dataset``: ``PretrainDataset`` (random windows of ``block_size + 1``
+tokens over memory-mapped shards) and ``PretrainLoader`` (global step s = samples s*G .. s*G+G-1, rank r takes
+its G/W rows; its position is the only data state a checkpoint needs). Each window of T+1 tokens is fed whole as
+``input_ids`` with ``labels = input_ids``: the model shifts the labels inside, so all T next-token targets of the
+window are trained (feeding T tokens would drop the last target), and ``return_logits=False`` makes it use the
+fused linear + cross-entropy op, so the (B, T, V) logits are never materialised.
+
+At the end rank 0 writes an evaluation-ready directory: ``model.save_pretrained(out_dir)`` (Hugging Face layout)
+plus ``tokenizer.json`` when a tokenizer is given, so ``CausalLM.from_pretrained(out_dir)`` works.
+Not handled: document-masked attention, data mixtures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from intro2llm import ops
+from intro2llm.training.distributed import DistInfo, init_distributed
+from intro2llm.training.trainer import Trainer, TrainerConfig
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class PretrainBatches:
+    """Adapts a ``PretrainLoader`` ((x, y) pairs) to Trainer batches ``{"input_ids": w, "labels": w}``, w = (B, T+1)."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            x, y = self.loader.next_batch()  # (B, T) each, y = x shifted by one
+            w = torch.cat([x, y[:, -1:]], dim=1)  # (B, T + 1): the full window
+            yield {"input_ids": w, "labels": w}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+
+
+def eval_batches_fn(dataset: Any, num_batches: int, global_batch: int, rank: int, world: int):  # noqa: ANN201
+    """A callable giving the same ``num_batches`` held-out batches at every evaluation (this rank's rows)."""
+    from intro2llm.data.pretrain_dataset import PretrainLoader
+
+    def batches():
+        loader = PretrainLoader(dataset, global_batch, rank=rank, world_size=world)
+        it = iter(PretrainBatches(loader))
+        for _ in range(num_batches):
+            yield next(it)
+
+    return batches
+
+
+class PretrainTrainer(Trainer):
+    """``Trainer`` wired to ``PretrainDataset``; see the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainerConfig,
+        dataset: Any,
+        eval_dataset: Any | None = None,
+        eval_batches: int = 4,
+        tokenizer: Any | None = None,
+        dist_info: DistInfo | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any | None = None,
+    ) -> None:
+        from intro2llm.data.pretrain_dataset import PretrainLoader
+
+        info = dist_info or init_distributed(config.device)
+        max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if max_pos is not None and dataset.block_size + 1 > max_pos:
+            raise ValueError(
+                f"block_size {dataset.block_size} + 1 (the window fed to the model) exceeds the model's "
+                f"max_position_embeddings {max_pos}"
+            )
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if vocab is not None and dataset.data_vocab_size > vocab:
+            # ids were checked against dataset.vocab_size at load; make sure that is the model's
+            if dataset.vocab_size > vocab:
+                raise ValueError(f"the data's vocab_size {dataset.vocab_size} exceeds the model's {vocab}")
+        loader = PretrainLoader(dataset, config.batch_size, rank=info.rank, world_size=info.world_size)
+        eval_fn = None
+        if eval_dataset is not None and eval_batches > 0:
+            eval_fn = eval_batches_fn(eval_dataset, eval_batches, config.batch_size, info.rank, info.world_size)
+        self.tokenizer = tokenizer
+        super().__init__(model, config, PretrainBatches(loader), eval_data=eval_fn, optimizer=optimizer,
+                         scheduler=scheduler, dist_info=info)
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids, labels = batch["input_ids"], batch["labels"]
+        if self.precision != "bf16":
+            return self.model(ids, labels=labels, return_logits=False).loss
+        if self._fsdp or not hasattr(self.raw_model, "lm_head"):
+            return self.model(ids, labels=labels).loss
+        # bf16: the blocks run under autocast, the loss in fp32 — so it is logged exactly, and because the fused op
+        # does not run under CPU autocast (its GEMMs would be cast to bf16 while it writes fp32 buffers).
+        h = self.model(ids, return_logits=False).hidden_states  # (B, T+1, C)
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            return ops.fused_linear_cross_entropy(h[:, :-1].float(), self.raw_model.lm_head.weight, labels[:, 1:],
+                                                  ignore_index=-100)
+
+    def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        labels = batch["labels"]
+        return labels.shape[0] * (labels.shape[1] - 1)  # packed pretraining data has no ignored targets
+
+    def batch_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        labels = batch["labels"]
+        return labels.shape[0] * (labels.shape[1] - 1)  # trained tokens (T per window of T + 1)
+
+    def on_train_end(self) -> None:
+        if self.out_dir is None:
+            return
+        if self._fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                              cpu_offload=True))
+            if not self.info.is_main:
+                return
+            model = type(self.raw_model)(self.raw_model.config)
+            model.load_state_dict(state)
+        else:
+            model = self.raw_model
+        export_model(model, self.out_dir, self.tokenizer)
+
+
+def export_model(model: nn.Module, out_dir: Any, tokenizer: Any | None = None) -> None:
+    """Write ``out_dir`` in the layout evaluation reads: ``save_pretrained`` files + ``tokenizer.json``."""
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save(out_dir / TOKENIZER_FILE)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data preparation for the ``train`` command: text → tokenizer → shards in ``out_dir/data``
+# ---------------------------------------------------------------------------------------------------------------
+EOS_TOKEN = "<|endoftext|>"
+
+
+def load_tokenizer(path: Any) -> Any:
+    """The tokenizer of a run directory (``DIR/tokenizer.json``, intro2llm format) or of a file."""
+    from pathlib import Path
+
+    from intro2llm.tokenizer import BaseTokenizer
+
+    path = Path(path)
+    return BaseTokenizer.load(path / TOKENIZER_FILE if path.is_dir() else path)
+
+
+def synthetic_tokenizer(docs: list[str]) -> Any:
+    """A character-level tokenizer for the synthetic tasks: one id per character seen, plus ``<unk>`` and EOS.
+
+    No merges on purpose: each digit stays its own token, so the model learns arithmetic digit by digit and the
+    vocabulary (~25 ids) keeps the embedding and the output layer negligible.
+    """
+    from intro2llm.tokenizer import BPETokenizer
+
+    alphabet = set().union(*map(set, docs))
+    tok = BPETokenizer()
+    return tok.train(docs, vocab_size=len(alphabet) + 2, special_tokens=[EOS_TOKEN], eos_token=EOS_TOKEN,
+                     min_frequency=1)
+
+
+def prepare_synthetic(data_dir: Any, num_train: int = 50_000, num_val: int = 1_000, seed: int = 0) -> Any:
+    """Arithmetic documents (``intro2llm.data.synthetic``) → tokenizer + ``train``/``val`` shards. Returns the
+    tokenizer. Validation problems come from another seed (a few may coincide with training ones: with 1-2 digit
+    operands there are only ~30k distinct problems)."""
+    from pathlib import Path
+
+    from intro2llm.data import synthetic
+    from intro2llm.data.pretrain_dataset import write_shards
+
+    data_dir = Path(data_dir)
+    train_docs = list(synthetic.pretrain_documents(num_train, seed=seed))
+    val_docs = list(synthetic.pretrain_documents(num_val, seed=seed + 1_000_000))
+    tok = synthetic_tokenizer(train_docs + val_docs)
+    write_shards(train_docs, tok, data_dir / "train")
+    write_shards(val_docs, tok, data_dir / "val")
+    return tok
+
+
+def prepare_text(docs: Any, data_dir: Any, vocab_size: int = 4096, tokenizer_bytes: int = 2_000_000,
+                 val_every: int = 20) -> Any:
+    """Text documents → a byte-level BPE tokenizer (trained on the first ``tokenizer_bytes`` of text) and
+    ``train``/``val`` shards (every ``val_every``-th document is held out). Returns the tokenizer."""
+    from pathlib import Path
+
+    from intro2llm.data.pretrain_dataset import DataPathError, write_shards
+    from intro2llm.tokenizer import ByteLevelBPETokenizer
+
+    data_dir = Path(data_dir)
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise DataPathError("the text data holds no non-empty documents")
+    sample, size = [], 0
+    for d in docs:
+        sample.append(d)
+        size += len(d)
+        if size >= tokenizer_bytes:
+            break
+    tok = ByteLevelBPETokenizer().train(sample, vocab_size=vocab_size, special_tokens=[EOS_TOKEN],
+                                        eos_token=EOS_TOKEN)
+    val = docs[::val_every] if len(docs) >= 2 * val_every else []
+    train = [d for i, d in enumerate(docs) if not (val and i % val_every == 0)]
+    write_shards(train, tok, data_dir / "train")
+    if val:
+        write_shards(val, tok, data_dir / "val")
+    return tok
+
+
+@torch.no_grad()
+def synthetic_accuracy(model: nn.Module, tokenizer: Any, n: int = 200, seed: int = 12345,
+                       batch_size: int = 50) -> float:
+    """Exact-match accuracy of greedy answers on ``n`` fresh synthetic problems (``synthetic.accuracy``)."""
+    from intro2llm.data import synthetic
+
+    pairs = synthetic.prompts_and_answers(n, seed=seed)
+    prompts = [p for p, _ in pairs]
+    pad = tokenizer.eos_token_id
+    completions: list[str] = []
+    model.eval()
+    device = next(model.parameters()).device
+    for i in range(0, n, batch_size):
+        chunk = [tokenizer.encode(p) for p in prompts[i:i + batch_size]]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=device)
+        out = model.generate(ids, max_new_tokens=8, attention_mask=mask, eos_token_id=pad)
+        completions += [tokenizer.decode(row[width:].tolist()) for row in out]
+    return synthetic.accuracy(prompts, completions)
