@@ -250,3 +250,22 @@ def test_peak_memory_fraction_of_eager():
     fused, eager = peak("fused"), peak("eager")
     assert eager > 2048 * 32000 * 4 // 1024, f"eager peak {eager} kB is below one logits tensor: measurement broken"
     assert fused <= 0.25 * eager, f"fused peak {fused} kB > 25% of eager {eager} kB"
+
+
+@pytest.mark.parametrize("backend", ["reference"] + [b for b in backends_for("cpu") if b == "cpp"])
+def test_cpu_bf16_autocast_matches_eager_autocast(backend):
+    # Under autocast the GEMMs run in bf16 and the loss comes back in fp32, like linear + cross_entropy would.
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(37, 64, generator=g, requires_grad=True)
+    w = (0.1 * torch.randn(131, 64, generator=g)).requires_grad_()
+    t = torch.randint(0, 131, (37,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = ops.fused_linear_cross_entropy(h, w, t, backend=backend)
+        want = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w), t)
+    assert loss.dtype == torch.float32 and want.dtype == torch.float32
+    torch.testing.assert_close(loss, want, atol=2e-2, rtol=1e-2)
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    wh, ww = torch.autograd.grad(want, (h, w))
+    assert gh.dtype == torch.float32 and gw.dtype == torch.float32
+    torch.testing.assert_close(gh, wh, atol=2e-3, rtol=5e-2)
+    torch.testing.assert_close(gw, ww, atol=2e-3, rtol=5e-2)

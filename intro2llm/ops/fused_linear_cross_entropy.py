@@ -297,16 +297,37 @@ def fused_linear_cross_entropy(
     hidden (..., H) fp32/bf16/fp16, weight (V, H), bias (V,), targets (...) int64 → scalar ("mean"/"sum") or
     (...) ("none") in hidden's dtype. A weight/bias in another dtype (an fp32 master weight with bf16 activations)
     is used in hidden's dtype, like autocast would; its gradient comes back in its own dtype.
+    Under autocast the GEMMs run in the autocast dtype and the loss comes back in fp32, as
+    ``cross_entropy(linear(hidden))`` would under autocast.
     """
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # The op's own GEMMs write into fp32 buffers: run it with autocast off, on inputs cast the way autocast
+        # would cast a linear layer's, and return the loss in fp32 like autocast's cross_entropy.
+        with torch.autocast(device_type=device_type, enabled=False):
+            hidden = hidden.to(torch.get_autocast_dtype(device_type))
+            return _fused_linear_cross_entropy(
+                hidden, weight, targets, bias, ignore_index, label_smoothing, reduction, chunk_size, backend,
+                loss_dtype=torch.float32,
+            )  # fmt: skip
+    return _fused_linear_cross_entropy(
+        hidden, weight, targets, bias, ignore_index, label_smoothing, reduction, chunk_size, backend, hidden.dtype
+    )
+
+
+def _fused_linear_cross_entropy(
+    hidden, weight, targets, bias, ignore_index, label_smoothing, reduction, chunk_size, backend, loss_dtype
+) -> torch.Tensor:
     _validate(hidden, weight, targets, bias, label_smoothing, reduction, chunk_size)
     name = _dispatch.resolve_backend(OP, hidden.device, backend, implemented=BACKENDS, compiled_op="cross_entropy_fwd")
     if name == "reference" or hidden.dtype == torch.float64:
         if name != "reference" and backend is not None:
             raise TypeError(f"{OP}: backend {name!r} supports {FLOAT_DTYPES}, got hidden of dtype float64")
         check_targets(targets, weight.shape[0], ignore_index, OP)
-        return fused_linear_cross_entropy_reference(
+        loss = fused_linear_cross_entropy_reference(
             hidden, weight, targets, bias, ignore_index, label_smoothing, reduction, chunk_size
         )
+        return loss.to(loss_dtype)
     H, V = hidden.shape[-1], weight.shape[0]
     h = hidden.reshape(-1, H).contiguous()  # (N, H)
     t = targets.reshape(-1).long().contiguous()  # (N,)
@@ -317,8 +338,8 @@ def fused_linear_cross_entropy(
     if reduction == "none" or not needs_grad:  # no gradients wanted: one GEMM per chunk instead of three
         loss, _ = _flce_none_fwd(h, w, t, b, int(ignore_index), float(label_smoothing), chunk, name)
         if reduction == "none":
-            return loss.reshape(targets.shape).to(hidden.dtype)
+            return loss.reshape(targets.shape).to(loss_dtype)
         total = loss.sum()
-        return (total if reduction == "sum" else total / (t != ignore_index).sum()).to(hidden.dtype)
+        return (total if reduction == "sum" else total / (t != ignore_index).sum()).to(loss_dtype)
     loss = _flce_fwd(h, w, t, b, int(ignore_index), float(label_smoothing), reduction, chunk, name)[0]
-    return loss.to(hidden.dtype)
+    return loss.to(loss_dtype)

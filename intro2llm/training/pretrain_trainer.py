@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from intro2llm import ops
 from intro2llm.training.distributed import DistInfo, init_distributed
 from intro2llm.training.trainer import Trainer, TrainerConfig
 
@@ -98,16 +97,9 @@ class PretrainTrainer(Trainer):
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         ids, labels = batch["input_ids"], batch["labels"]
-        if self.precision != "bf16":
-            return self.model(ids, labels=labels, return_logits=False).loss
-        if self._fsdp or not hasattr(self.raw_model, "lm_head"):
-            return self.model(ids, labels=labels).loss
-        # bf16: the blocks run under autocast, the loss in fp32 — so it is logged exactly, and because the fused op
-        # does not run under CPU autocast (its GEMMs would be cast to bf16 while it writes fp32 buffers).
-        h = self.model(ids, return_logits=False).hidden_states  # (B, T+1, C)
-        with torch.autocast(device_type=self.device.type, enabled=False):
-            return ops.fused_linear_cross_entropy(h[:, :-1].float(), self.raw_model.lm_head.weight, labels[:, 1:],
-                                                  ignore_index=-100)
+        # fused linear + cross-entropy: the (B, T, V) logits never exist; under bf16 autocast its GEMMs run in
+        # bf16 and the loss comes back in fp32
+        return self.model(ids, labels=labels, return_logits=False).loss
 
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         labels = batch["labels"]
