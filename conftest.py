@@ -4,6 +4,8 @@
   any kernel module is imported, so it is set here, first. Auto dispatch never picks Triton for CPU tensors,
   so this changes nothing for the other backends.
 - Under INTRO2LLM_REQUIRE_EXT=1 (CI), a missing compiled extension fails the session instead of skipping.
+- Child Python processes (``python -c``/``-m`` from tests) get ``PYTHONSAFEPATH=1`` so they import the installed
+  package, not the source tree in the working directory (which has no compiled ``_C`` after a regular install).
 - Intra-op threads default to 1 (``INTRO2LLM_TEST_THREADS`` overrides): test tensors are small, and on a
   loaded 2-core machine OpenMP's spinning threads can stall a parallel region 10-100x. Tests that cover
   multi-threaded reductions set the thread count themselves.
@@ -15,6 +17,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["PYTHONSAFEPATH"] = "1"
 torch.set_num_threads(int(os.environ.get("INTRO2LLM_TEST_THREADS", "1")))
 
 
