@@ -231,11 +231,10 @@ def test_save_is_atomic(tok, tmp_path, monkeypatch):
     tok.save(path)
     before = path.read_bytes()
 
-    def broken_dump(obj, f, **kwargs):
-        f.write('{"format": "intro2llm.tok')
+    def full_disk(fd):  # the new file is written but cannot be made durable
         raise OSError("disk full")
 
-    monkeypatch.setattr(json, "dump", broken_dump)
+    monkeypatch.setattr(os, "fsync", full_disk)
     with pytest.raises(OSError, match="disk full"):
         tok.save(path)
     assert path.read_bytes() == before

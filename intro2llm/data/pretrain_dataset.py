@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+from intro2llm._io import atomic_write
 
 INDEX_FILE = "index.json"
 FORMAT = "intro2llm-pretrain-v1"
@@ -82,20 +83,6 @@ def _tokenizer_vocab_size(tokenizer: Any) -> int | None:
     except TypeError:
         pass
     return max(sizes) if sizes else None
-
-
-def _atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class ShardWriter:
@@ -200,7 +187,7 @@ class ShardWriter:
         if self._fill == 0:
             return
         name = f"{self.prefix}_{len(self._shards):05d}.bin"
-        _atomic_write_bytes(self.out_dir / name, memoryview(self._buf[: self._fill]).cast("B"))
+        atomic_write(self.out_dir / name, memoryview(self._buf[: self._fill]).cast("B"))
         self._shards.append({"file": name, "num_tokens": int(self._fill)})
         self._fill = 0
 
@@ -219,7 +206,7 @@ class ShardWriter:
             "num_tokens": self.num_tokens,
             "shards": self._shards,
         }
-        _atomic_write_bytes(self.out_dir / INDEX_FILE, (json.dumps(self.index, indent=1) + "\n").encode())
+        atomic_write(self.out_dir / INDEX_FILE, (json.dumps(self.index, indent=1) + "\n").encode())
         written = {sh["file"] for sh in self._shards}
         for path in self.out_dir.glob(f"{self._base_prefix}*.bin"):  # the replaced dataset, orphans of crashes
             if path.name not in written:

@@ -78,13 +78,9 @@ def _emit(result: dict, output: str | None) -> None:
     text = json.dumps(result, indent=2)
     print(text)
     if output:
-        import tempfile
+        from intro2llm._io import atomic_write
 
-        folder = os.path.dirname(os.path.abspath(output))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, output)
+        atomic_write(output, text + "\n")
 
 
 def _ppl(args: argparse.Namespace) -> int:

@@ -100,21 +100,11 @@ def read_samples(path: str | os.PathLike) -> list[dict]:
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     """Write rows as JSONL atomically (a temp file in the same directory, then ``os.replace``)."""
-    import tempfile
+    from intro2llm._io import atomic_write
 
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def evaluate_samples(samples: Iterable[dict], k: Sequence[int] = (1, 10), timeout: float = 3.0,

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from intro2llm._io import atomic_write
 from intro2llm.model.config import ModelConfig
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
@@ -239,26 +239,6 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
 # ---------------------------------------------------------------------------------------------------------------
 # saving
 # ---------------------------------------------------------------------------------------------------------------
-def _atomic_write_bytes(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    _atomic_write_bytes(path, write)
-
-
 def save_pretrained(model, path: str | os.PathLike, model_type: str | None = None,
                     max_shard_bytes: int | None = None) -> None:
     """Write ``config.json`` and ``model.safetensors`` (or shards + index) that ``transformers`` loads."""
@@ -276,7 +256,7 @@ def save_pretrained(model, path: str | os.PathLike, model_type: str | None = Non
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     if max_shard_bytes is None or total <= max_shard_bytes:
         (directory / INDEX_NAME).unlink(missing_ok=True)  # a stale index would not be read, but would confuse
-        _atomic_write_bytes(directory / SAFE_NAME, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        atomic_write(directory / SAFE_NAME, lambda tmp: save_file(tensors, tmp, metadata=meta))
     else:
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
@@ -290,9 +270,9 @@ def save_pretrained(model, path: str | os.PathLike, model_type: str | None = Non
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_write_bytes(directory / fname, lambda tmp, s=shard: save_file(s, tmp, metadata=meta))
+            atomic_write(directory / fname, lambda tmp, s=shard: save_file(s, tmp, metadata=meta))
             weight_map.update({name: fname for name in shard})
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / SAFE_NAME).unlink(missing_ok=True)  # the loader prefers a single file: drop a stale one
-        _atomic_write_text(directory / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True))
-    _atomic_write_text(directory / "config.json", json.dumps(hf_cfg, indent=2, sort_keys=True))
+        atomic_write(directory / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True))
+    atomic_write(directory / "config.json", json.dumps(hf_cfg, indent=2, sort_keys=True))

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any, Literal
 
 import regex
+
+from intro2llm._io import atomic_write
 
 FORMAT_NAME = "intro2llm.tokenizer"
 FORMAT_VERSION = 1
@@ -253,19 +254,7 @@ class BaseTokenizer:
             "special_tokens": dict(self.special_tokens),
             "roles": dict(self.roles),
         }
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(state, f, ensure_ascii=False, indent=1)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, json.dumps(state, ensure_ascii=False, indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BaseTokenizer:

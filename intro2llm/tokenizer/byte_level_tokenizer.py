@@ -24,13 +24,13 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 import weakref
 from collections.abc import Iterable
 from typing import Any
 
 import regex
 
+from intro2llm._io import atomic_write
 from intro2llm.tokenizer import _train
 from intro2llm.tokenizer.bpe_tokenizer import CL100K_PATTERN, GPT2_PATTERN, BPETokenizer
 
@@ -78,20 +78,6 @@ def native_encoder_available() -> bool:
     import torch
 
     return hasattr(torch.ops.intro2llm, "bpe_encode")
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class ByteLevelBPETokenizer(BPETokenizer):
@@ -278,7 +264,7 @@ class ByteLevelBPETokenizer(BPETokenizer):
         if not path.endswith(".json"):
             os.makedirs(path, exist_ok=True)
             path = os.path.join(path, "tokenizer.json")
-        _atomic_write_text(path, json.dumps(self.to_hf_json(), ensure_ascii=False, indent=1) + "\n")
+        atomic_write(path, json.dumps(self.to_hf_json(), ensure_ascii=False, indent=1) + "\n")
         return path
 
     @classmethod

@@ -97,6 +97,7 @@ def _prepare(args, info):  # noqa: ANN001, ANN202
     """Build (rank 0) or find the data; returns (train_dir, val_dir, tokenizer)."""
     from pathlib import Path
 
+    from intro2llm._io import atomic_write
     from intro2llm.data.pretrain_dataset import INDEX_FILE, DataPathError, read_text_documents
     from intro2llm.training import pretrain_trainer as pt
     from intro2llm.training.distributed import barrier, broadcast_object
@@ -130,9 +131,7 @@ def _prepare(args, info):  # noqa: ANN001, ANN202
                         break
                 tok = pt.prepare_text(docs, data_dir, vocab_size=args.vocab_size)
             tok.save(tok_path)
-            tmp = source_file.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(source))
-            os.replace(tmp, source_file)
+            atomic_write(source_file, json.dumps(source))
             print(f"data: {args.data} -> {data_dir} ({time.perf_counter() - t0:.1f}s, vocab {tok.vocab_size})",
                   file=sys.stderr)
         except (DataPathError, ValueError, OSError) as exc:

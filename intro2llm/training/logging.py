@@ -15,6 +15,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from intro2llm._io import atomic_write
+
 
 def _jsonable(v: Any) -> Any:
     if hasattr(v, "item"):
@@ -75,9 +77,7 @@ class MetricsLogger:
                     keep.append(line)
             except ValueError:  # a line cut by a crash
                 continue
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(x + "\n" for x in keep))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(x + "\n" for x in keep))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Append one record for optimizer step ``step``."""
