@@ -19,14 +19,6 @@ namespace {
 
 constexpr int kThreads = 512;
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-
 // Merge (m2, s2) into (m, s): both are (max, sum exp(x - max)) of disjoint sets.
 __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
   const float mn = fmaxf(m, m2);
@@ -161,13 +153,13 @@ cudaError_t launch_bwd(const float* grad_loss, const void* logits, const int64_t
 
 cudaError_t cross_entropy_fwd(const void* logits, const int64_t* targets, float* loss, float* lse, int64_t N,
                               int64_t V, int64_t stride, int64_t ignore_index, float label_smoothing, float z_loss,
-                              CeDType dtype, cudaStream_t stream) {
+                              DType dtype, cudaStream_t stream) {
   switch (dtype) {
-    case CeDType::kFloat32:
+    case DType::kFloat32:
       return launch_fwd<float>(logits, targets, loss, lse, N, V, stride, ignore_index, label_smoothing, z_loss, stream);
-    case CeDType::kFloat16:
+    case DType::kFloat16:
       return launch_fwd<__half>(logits, targets, loss, lse, N, V, stride, ignore_index, label_smoothing, z_loss, stream);
-    case CeDType::kBFloat16:
+    case DType::kBFloat16:
       return launch_fwd<__nv_bfloat16>(logits, targets, loss, lse, N, V, stride, ignore_index, label_smoothing, z_loss,
                                        stream);
   }
@@ -176,15 +168,15 @@ cudaError_t cross_entropy_fwd(const void* logits, const int64_t* targets, float*
 
 cudaError_t cross_entropy_bwd(const float* grad_loss, const void* logits, const int64_t* targets, const float* lse,
                               void* grad, int64_t N, int64_t V, int64_t stride, int64_t ignore_index,
-                              float label_smoothing, float z_loss, CeDType dtype, cudaStream_t stream) {
+                              float label_smoothing, float z_loss, DType dtype, cudaStream_t stream) {
   switch (dtype) {
-    case CeDType::kFloat32:
+    case DType::kFloat32:
       return launch_bwd<float>(grad_loss, logits, targets, lse, grad, N, V, stride, ignore_index, label_smoothing,
                                z_loss, stream);
-    case CeDType::kFloat16:
+    case DType::kFloat16:
       return launch_bwd<__half>(grad_loss, logits, targets, lse, grad, N, V, stride, ignore_index, label_smoothing,
                                 z_loss, stream);
-    case CeDType::kBFloat16:
+    case DType::kBFloat16:
       return launch_bwd<__nv_bfloat16>(grad_loss, logits, targets, lse, grad, N, V, stride, ignore_index,
                                        label_smoothing, z_loss, stream);
   }
@@ -193,15 +185,15 @@ cudaError_t cross_entropy_bwd(const float* grad_loss, const void* logits, const 
 
 cudaError_t cross_entropy_fwd_bwd(void* logits, const int64_t* targets, float grad_scale, float* loss, float* lse,
                                   int64_t N, int64_t V, int64_t ignore_index, float label_smoothing, float z_loss,
-                                  CeDType dtype, cudaStream_t stream) {
+                                  DType dtype, cudaStream_t stream) {
   switch (dtype) {
-    case CeDType::kFloat32:
+    case DType::kFloat32:
       return launch_fwd_bwd<float>(logits, targets, grad_scale, loss, lse, N, V, ignore_index, label_smoothing, z_loss,
                                    stream);
-    case CeDType::kFloat16:
+    case DType::kFloat16:
       return launch_fwd_bwd<__half>(logits, targets, grad_scale, loss, lse, N, V, ignore_index, label_smoothing,
                                     z_loss, stream);
-    case CeDType::kBFloat16:
+    case DType::kBFloat16:
       return launch_fwd_bwd<__nv_bfloat16>(logits, targets, grad_scale, loss, lse, N, V, ignore_index,
                                            label_smoothing, z_loss, stream);
   }

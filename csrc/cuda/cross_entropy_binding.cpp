@@ -10,11 +10,11 @@
 namespace intro2llm {
 namespace {
 
-cuda::CeDType ce_dtype_code(const at::Tensor& t, const char* op) {
+cuda::DType ce_dtype_code(const at::Tensor& t, const char* op) {
   switch (t.scalar_type()) {
-    case at::kFloat: return cuda::CeDType::kFloat32;
-    case at::kHalf: return cuda::CeDType::kFloat16;
-    case at::kBFloat16: return cuda::CeDType::kBFloat16;
+    case at::kFloat: return cuda::DType::kFloat32;
+    case at::kHalf: return cuda::DType::kFloat16;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
     default: TORCH_CHECK_TYPE(false, op, ": logits must be float32, float16 or bfloat16, got ", t.scalar_type());
   }
 }

@@ -5,12 +5,14 @@
 
 #include <cuda_runtime.h>
 
+#include "common.cuh"
+
 namespace intro2llm {
 namespace cuda {
 namespace flash {
 
 // dtype of q, k, v, out and the gradients (accumulation is fp32 whatever this is)
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+using DType = ::intro2llm::cuda::DType;
 
 // Shapes and mask of one call. q/out/dq: (B, H, Tq, D); k/v/dk/dv: (B, Hkv, Tk, D); all contiguous.
 // Query i sits at position i + Tk - Tq; causal keeps k <= q; window > 0 keeps q - window < k (and k < q + window

@@ -5,11 +5,10 @@
 
 #include <cuda_runtime.h>
 
+#include "common.cuh"
+
 namespace intro2llm {
 namespace cuda {
-
-// dtype codes shared by the CUDA launchers
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // x, y: (M, N) in `dtype`; w: (N,) fp32; rstd: (M,) fp32.
 cudaError_t rms_norm_fwd(const void* x, const float* w, void* y, float* rstd, int64_t M, int64_t N, float eps,

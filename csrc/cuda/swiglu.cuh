@@ -5,7 +5,7 @@
 
 #include <cuda_runtime.h>
 
-#include "rms_norm.cuh"  // DType, the dtype codes shared by the CUDA launchers
+#include "common.cuh"
 
 namespace intro2llm {
 namespace cuda {
