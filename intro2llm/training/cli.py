@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     from intro2llm.model.causal_lm import CausalLM
     from intro2llm.training import pretrain_trainer as pt
     from intro2llm.training.checkpoint import CheckpointError, latest_checkpoint
-    from intro2llm.training.distributed import cleanup_distributed, init_distributed
+    from intro2llm.training.distributed import barrier, cleanup_distributed, init_distributed
     from intro2llm.training.trainer import NonFiniteLossError, TrainerConfig
 
     for name in ("steps", "batch_size", "seq_len"):
@@ -235,6 +235,9 @@ def run(args: argparse.Namespace) -> int:
                 summary["accuracy"] = pt.synthetic_accuracy(trainer.raw_model, tokenizer, n=args.accuracy_samples)
             (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
             print(json.dumps(summary))
+        # every rank leaves together: a rank tearing the gloo group down while rank 0 (which hosts the store)
+        # is still writing the summary can leave the other waiting on a dead peer
+        barrier()
         return 0
     finally:
         cleanup_distributed()
