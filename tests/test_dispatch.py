@@ -75,3 +75,14 @@ def test_cli_info_lists_backends():
     if _dispatch.extension_error() is None:
         assert "cpp        available" in out.stdout
     assert "cuda" in out.stdout
+
+
+def test_dtype_outside_fast_paths(monkeypatch):
+    # float64 runs only on the reference: an explicit fast backend raises, context/env/auto fall back
+    monkeypatch.delenv("INTRO2LLM_BACKEND", raising=False)
+    assert resolve_backend("x", CPU, dtype=torch.float64) == "reference"
+    assert resolve_backend("x", CPU, "reference", dtype=torch.float64) == "reference"
+    with ops.use_backend("triton"):
+        assert resolve_backend("x", CPU, dtype=torch.float64) == "reference"
+    with pytest.raises(TypeError, match=r"'triton' supports dtypes \(float32, float16, bfloat16\), got torch.float64"):
+        resolve_backend("x", CPU, "triton", dtype=torch.float64)

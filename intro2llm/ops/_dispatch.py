@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 BACKENDS = ("reference", "triton", "cpp", "cuda")
+FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what every fast backend computes in
 _ENV_VAR = "INTRO2LLM_BACKEND"
 _stack: list[str] = []  # use_backend() nesting
 
@@ -156,12 +157,15 @@ def resolve_backend(
     *,
     implemented: Sequence[str] = BACKENDS,
     compiled_op: str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> str:
     """The backend that runs this call of ``op`` on tensors on ``device``.
 
     ``implemented`` lists the backends the op has; ``compiled_op`` names the ``intro2llm::`` op whose
     registration proves the cpp/cuda kernel was built. Raises ``BackendUnavailableError`` for an explicit choice
-    that cannot run; auto falls back silently.
+    that cannot run; auto falls back silently. ``dtype`` (the input's): outside ``FAST_DTYPES`` (float64, say)
+    only the reference runs — a fast backend named by the ``backend`` argument raises ``TypeError``, one chosen
+    by context, environment or auto falls back to the reference.
     """
     requested = backend or (_stack[-1] if _stack else None) or os.environ.get(_ENV_VAR) or "auto"
     _check_name(requested)
@@ -169,7 +173,14 @@ def resolve_backend(
         why = _why_not(op, requested, device, implemented, compiled_op)
         if why is not None:
             raise BackendUnavailableError(f"{op}: backend {requested!r} cannot run: {why}")
+        if requested != "reference" and dtype is not None and dtype not in FAST_DTYPES:
+            if backend is not None:
+                allowed = ", ".join(str(d).replace("torch.", "") for d in FAST_DTYPES)
+                raise TypeError(f"{op}: backend {requested!r} supports dtypes ({allowed}), got {dtype}")
+            return "reference"
         return requested
+    if dtype is not None and dtype not in FAST_DTYPES:
+        return "reference"
     order = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpp", "reference")
     for name in order:
         if _why_not(op, name, device, implemented, compiled_op) is None:

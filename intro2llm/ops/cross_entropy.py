@@ -219,10 +219,9 @@ def cross_entropy(
 ) -> torch.Tensor:
     """Cross-entropy: logits (..., V) fp32/bf16/fp16, targets (...) int64 → scalar or (...) in logits' dtype."""
     _validate(logits, targets, label_smoothing, z_loss, reduction)
-    name = _dispatch.resolve_backend(OP, logits.device, backend, implemented=BACKENDS, compiled_op="cross_entropy_fwd")
-    if name == "reference" or logits.dtype == torch.float64:
-        if name != "reference" and backend is not None:
-            raise TypeError(f"{OP}: backend {name!r} supports {FLOAT_DTYPES}, got logits of dtype float64")
+    name = _dispatch.resolve_backend(OP, logits.device, backend, implemented=BACKENDS, compiled_op="cross_entropy_fwd",
+                                     dtype=logits.dtype)
+    if name == "reference":
         check_targets(targets, logits.shape[-1], ignore_index)
         return cross_entropy_reference(logits, targets, ignore_index, label_smoothing, z_loss, reduction)
     V = logits.shape[-1]

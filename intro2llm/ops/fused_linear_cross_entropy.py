@@ -319,10 +319,10 @@ def _fused_linear_cross_entropy(
     hidden, weight, targets, bias, ignore_index, label_smoothing, reduction, chunk_size, backend, loss_dtype
 ) -> torch.Tensor:
     _validate(hidden, weight, targets, bias, label_smoothing, reduction, chunk_size)
-    name = _dispatch.resolve_backend(OP, hidden.device, backend, implemented=BACKENDS, compiled_op="cross_entropy_fwd")
-    if name == "reference" or hidden.dtype == torch.float64:
-        if name != "reference" and backend is not None:
-            raise TypeError(f"{OP}: backend {name!r} supports {FLOAT_DTYPES}, got hidden of dtype float64")
+    name = _dispatch.resolve_backend(
+        OP, hidden.device, backend, implemented=BACKENDS, compiled_op="cross_entropy_fwd", dtype=hidden.dtype
+    )
+    if name == "reference":
         check_targets(targets, weight.shape[0], ignore_index, OP)
         loss = fused_linear_cross_entropy_reference(
             hidden, weight, targets, bias, ignore_index, label_smoothing, reduction, chunk_size

@@ -105,7 +105,7 @@ def layer_norm(
 ) -> torch.Tensor:
     """LayerNorm over the last dim: x (..., N), weight/bias (N,) → (..., N) in x's dtype."""
     _validate(x, weight, bias, eps)
-    name = _dispatch.resolve_backend(OP, x.device, backend, implemented=BACKENDS)
-    if name == "triton" and x.dtype != torch.float64:
+    name = _dispatch.resolve_backend(OP, x.device, backend, implemented=BACKENDS, dtype=x.dtype)
+    if name == "triton":
         return _layer_norm_fwd_triton(x, weight, bias, float(eps))[0]
     return layer_norm_reference(x, weight, bias, eps)

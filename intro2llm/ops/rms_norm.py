@@ -108,10 +108,10 @@ _rms_norm_fwd_triton.register_autograd(_triton_backward, setup_context=_setup_co
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backend: str | None = None) -> torch.Tensor:
     """RMSNorm over the last dim: x (..., N) fp32/bf16/fp16, weight (N,) → (..., N) in x's dtype."""
     _validate(x, weight, eps)
-    name = _dispatch.resolve_backend(OP, x.device, backend, implemented=BACKENDS, compiled_op="rms_norm_fwd")
-    if name == "reference" or x.dtype == torch.float64:
-        if name != "reference" and backend is not None:
-            raise TypeError(f"{OP}: backend {name!r} supports {FLOAT_DTYPES}, got x of dtype float64")
+    name = _dispatch.resolve_backend(
+        OP, x.device, backend, implemented=BACKENDS, compiled_op="rms_norm_fwd", dtype=x.dtype
+    )
+    if name == "reference":
         return rms_norm_reference(x, weight, eps)
     if name == "triton":
         return _rms_norm_fwd_triton(x, weight, float(eps))[0]

@@ -194,11 +194,10 @@ def apply_rope(
     """RoPE on q (B, H, T, D) and k (B, Hkv, T, D) with cos/sin (T, D) | (B, T, D) → (q_out, k_out) in q's dtype."""
     _validate(q, k, cos, sin)
     name = _dispatch.resolve_backend(
-        OP, q.device, backend, implemented=_implemented(), compiled_op="apply_rope_fwd" if _COMPILED else None
+        OP, q.device, backend, implemented=_implemented(), compiled_op="apply_rope_fwd" if _COMPILED else None,
+        dtype=q.dtype,
     )
-    if name == "reference" or q.dtype == torch.float64:
-        if name != "reference" and backend is not None:
-            raise TypeError(f"{OP}: backend {name!r} supports {FLOAT_DTYPES}, got q of dtype float64")
+    if name == "reference":
         return apply_rope_reference(q, k, cos, sin)
     cos3, sin3 = _table_3d(cos), _table_3d(sin)
     if name == "triton":

@@ -174,14 +174,10 @@ def _resolve(op: str, gate: torch.Tensor, backend: str | None) -> str:
         implemented: tuple[str, ...] = ("reference", "triton")  # extension built before this op existed: rebuild
     else:
         implemented = ("reference", "triton", "cpp", "cuda")
-    name = _dispatch.resolve_backend(
-        op, gate.device, backend, implemented=implemented, compiled_op=f"{op}_fwd" if _COMPILED else None
+    return _dispatch.resolve_backend(
+        op, gate.device, backend, implemented=implemented, compiled_op=f"{op}_fwd" if _COMPILED else None,
+        dtype=gate.dtype,
     )
-    if name != "reference" and gate.dtype == torch.float64:
-        if backend is not None:
-            raise TypeError(f"{op}: backend {name!r} supports {FLOAT_DTYPES}, got gate of dtype float64")
-        return "reference"
-    return name
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
