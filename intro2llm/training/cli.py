@@ -19,6 +19,12 @@ import json
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from intro2llm.training.distributed import DistInfo
 
 # Defaults tuned so that `intro2llm train` (tiny model, synthetic arithmetic) fits in ~3 minutes on 2 CPU cores.
 DEFAULTS = dict(steps=600, batch_size=16, seq_len=64, lr=3e-3, warmup=30)
@@ -158,12 +164,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from intro2llm.data.pretrain_dataset import PretrainDataset, load_index
-    from intro2llm.model.causal_lm import CausalLM
-    from intro2llm.training import pretrain_trainer as pt
-    from intro2llm.training.checkpoint import CheckpointError, latest_checkpoint
-    from intro2llm.training.distributed import barrier, cleanup_distributed, init_distributed
-    from intro2llm.training.trainer import NonFiniteLossError, TrainerConfig
+    from intro2llm.training.checkpoint import latest_checkpoint
+    from intro2llm.training.distributed import cleanup_distributed, init_distributed
 
     for name in ("steps", "batch_size", "seq_len"):
         if getattr(args, name) < 1:
@@ -180,64 +182,77 @@ def run(args: argparse.Namespace) -> int:
     elif latest_checkpoint(out / "checkpoints") is not None:
         return _fail(f"{out} already holds checkpoints of a run; pass --resume to continue it, or choose another --out")
     info = init_distributed(args.device)
+    rc = 1
     try:
+        rc = _train(args, info, out)
+    finally:
+        # _train's locals (the DDP model, the trainer) are gone by now: see cleanup_distributed for why it matters
+        cleanup_distributed(synchronize=rc == 0)
+    return rc
+
+
+def _train(args: argparse.Namespace, info: DistInfo, out: Path) -> int:
+    """The run itself, in its own frame so that everything holding the process group is freed when it returns."""
+    import torch
+
+    from intro2llm.data.pretrain_dataset import PretrainDataset, load_index
+    from intro2llm.model.causal_lm import CausalLM
+    from intro2llm.training import pretrain_trainer as pt
+    from intro2llm.training.checkpoint import CheckpointError
+    from intro2llm.training.trainer import NonFiniteLossError, TrainerConfig
+
+    try:
+        train_dir, val_dir, tokenizer = _prepare(args, info)
+        vocab = tokenizer.vocab_size if tokenizer is not None else load_index(train_dir)[1]["vocab_size"]
+        cfg = _model_config(args.config, vocab, args.seq_len, tokenizer)
+        ds = PretrainDataset(train_dir, args.seq_len, seed=args.seed, vocab_size=cfg.vocab_size)
+        val_ds = PretrainDataset(val_dir, args.seq_len, seed=args.seed, vocab_size=cfg.vocab_size) \
+            if val_dir is not None else None
+    except (ValueError, OSError) as exc:
+        return _fail(str(exc))
+    torch.manual_seed(args.seed)
+    model = CausalLM(cfg)
+    tc = TrainerConfig(
+        steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, lr=args.lr,
+        min_lr=args.min_lr, warmup_steps=min(args.warmup, args.steps), schedule=args.schedule,
+        optimizer=args.optimizer, weight_decay=args.weight_decay, grad_clip=args.grad_clip or None,
+        precision=args.precision, eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep,
+        out_dir=str(out), progress=not args.no_progress, tensorboard=not args.no_tensorboard,
+        device=args.device, strategy=args.strategy,
+        extra={"model_config": args.config, "data": args.data, "seq_len": args.seq_len, "seed": args.seed},
+    )
+    try:
+        trainer = pt.PretrainTrainer(model, tc, ds, eval_dataset=val_ds, eval_batches=args.eval_batches,
+                                     tokenizer=tokenizer, dist_info=info)
+    except ValueError as exc:
+        return _fail(str(exc))
+    if info.is_main:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"model: {args.config} ({n_params / 1e6:.2f}M parameters, vocab {cfg.vocab_size}), "
+              f"{info.world_size} process(es) on {info.device} ({trainer.precision}), "
+              f"global batch {args.batch_size} x {args.seq_len} tokens, {trainer.accum_steps} micro-batch(es) "
+              "per step", file=sys.stderr)
+    if args.resume:
         try:
-            train_dir, val_dir, tokenizer = _prepare(args, info)
-            vocab = tokenizer.vocab_size if tokenizer is not None else load_index(train_dir)[1]["vocab_size"]
-            cfg = _model_config(args.config, vocab, args.seq_len, tokenizer)
-            ds = PretrainDataset(train_dir, args.seq_len, seed=args.seed, vocab_size=cfg.vocab_size)
-            val_ds = PretrainDataset(val_dir, args.seq_len, seed=args.seed, vocab_size=cfg.vocab_size) \
-                if val_dir is not None else None
-        except (ValueError, OSError) as exc:
-            return _fail(str(exc))
-        torch.manual_seed(args.seed)
-        model = CausalLM(cfg)
-        tc = TrainerConfig(
-            steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, lr=args.lr,
-            min_lr=args.min_lr, warmup_steps=min(args.warmup, args.steps), schedule=args.schedule,
-            optimizer=args.optimizer, weight_decay=args.weight_decay, grad_clip=args.grad_clip or None,
-            precision=args.precision, eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep,
-            out_dir=str(out), progress=not args.no_progress, tensorboard=not args.no_tensorboard,
-            device=args.device, strategy=args.strategy,
-            extra={"model_config": args.config, "data": args.data, "seq_len": args.seq_len, "seed": args.seed},
-        )
-        try:
-            trainer = pt.PretrainTrainer(model, tc, ds, eval_dataset=val_ds, eval_batches=args.eval_batches,
-                                         tokenizer=tokenizer, dist_info=info)
-        except ValueError as exc:
+            step = trainer.resume(out)
+        except CheckpointError as exc:
             return _fail(str(exc))
         if info.is_main:
-            n_params = sum(p.numel() for p in model.parameters())
-            print(f"model: {args.config} ({n_params / 1e6:.2f}M parameters, vocab {cfg.vocab_size}), "
-                  f"{info.world_size} process(es) on {info.device} ({trainer.precision}), "
-                  f"global batch {args.batch_size} x {args.seq_len} tokens, {trainer.accum_steps} micro-batch(es) "
-                  "per step", file=sys.stderr)
-        if args.resume:
-            try:
-                step = trainer.resume(out)
-            except CheckpointError as exc:
-                return _fail(str(exc))
-            if info.is_main:
-                print(f"resumed from step {step}", file=sys.stderr)
-        t0 = time.perf_counter()
-        try:
-            hist = trainer.train()
-        except (NonFiniteLossError, CheckpointError) as exc:
-            return _fail(str(exc))
-        elapsed = time.perf_counter() - t0
-        if info.is_main and hist:
-            last = hist[-1]
-            summary = {"steps": trainer.step, "loss": round(last["loss"], 4), "train_seconds": round(elapsed, 1),
-                       "tokens_per_s": round(last["tokens_per_s"], 1)}
-            if trainer.last_eval is not None:
-                summary["eval_loss"] = round(trainer.last_eval, 4)
-            if args.data == "synthetic" and args.accuracy_samples > 0:
-                summary["accuracy"] = pt.synthetic_accuracy(trainer.raw_model, tokenizer, n=args.accuracy_samples)
-            (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-            print(json.dumps(summary))
-        # every rank leaves together: a rank tearing the gloo group down while rank 0 (which hosts the store)
-        # is still writing the summary can leave the other waiting on a dead peer
-        barrier()
-        return 0
-    finally:
-        cleanup_distributed()
+            print(f"resumed from step {step}", file=sys.stderr)
+    t0 = time.perf_counter()
+    try:
+        hist = trainer.train()
+    except (NonFiniteLossError, CheckpointError) as exc:
+        return _fail(str(exc))
+    elapsed = time.perf_counter() - t0
+    if info.is_main and hist:
+        last = hist[-1]
+        summary = {"steps": trainer.step, "loss": round(last["loss"], 4), "train_seconds": round(elapsed, 1),
+                   "tokens_per_s": round(last["tokens_per_s"], 1)}
+        if trainer.last_eval is not None:
+            summary["eval_loss"] = round(trainer.last_eval, 4)
+        if args.data == "synthetic" and args.accuracy_samples > 0:
+            summary["accuracy"] = pt.synthetic_accuracy(trainer.raw_model, tokenizer, n=args.accuracy_samples)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        print(json.dumps(summary))
+    return 0

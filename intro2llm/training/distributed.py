@@ -58,9 +58,29 @@ def init_distributed(device: str | None = None) -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
-def cleanup_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def cleanup_distributed(synchronize: bool = True) -> None:
+    """Leave the process group (no-op without one). ``synchronize``: every rank meets at a barrier first — pass
+    False on an error path, where another rank may never arrive.
+
+    Call it after everything that holds the group (the DDP-wrapped model, the trainer) is gone. This works around a
+    shutdown deadlock of the gloo backend, caught here with gdb (torch 2.13, CPU, two ranks, about one run in ten
+    under load): ``~ProcessGroupGloo`` joins its worker threads while the thread that dropped the last reference
+    holds the GIL, and a worker still releasing the tensors of a finished collective waits for the GIL to decref
+    them. When a DDP ``Reducer`` held that last reference, the destructor ran whenever Python freed the model.
+    So: collect garbage (cycles too), meet at a barrier, then sleep briefly with the GIL released so the workers
+    finish their releases; only then is the group destroyed.
+    """
+    if not dist.is_initialized():
+        return
+    import gc
+    import time
+
+    gc.collect()
+    if synchronize and dist.get_world_size() > 1:
+        dist.barrier()
+    if dist.get_backend() == "gloo":
+        time.sleep(0.2)  # GIL released: gloo's worker threads drop their last tensor references
+    dist.destroy_process_group()
 
 
 def wrap_model(model: nn.Module, info: DistInfo, strategy: str = "ddp") -> nn.Module:
