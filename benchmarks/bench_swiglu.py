@@ -7,7 +7,9 @@ and the clone() memory floor. Groups ``<op>-fwd-<shape>-<dtype>`` and ``<op>-ful
 Shape: a Mistral-7B MLP on 4096 tokens, (4096, 14336) (16384 tokens on a GPU). Bytes moved (fwd: read gate,
 up + write out; full: + read grad, gate, up + write both gradients) go in ``extra_info`` with GB/s; on a GPU
 also the peak memory.
-The clone() floor copies gate alone (read N + write N: 2 of the forward's 3 transfers).
+The clone() floor copies gate alone (read N + write N: 2 of the forward's 3 transfers). On CPU the C++ kernel
+runs under it: clone()'s fresh output takes a 4 KB page fault per page, ours asks for huge pages
+(csrc/cpu/huge_pages.h).
 """
 
 import pytest

@@ -6,14 +6,14 @@
 // Backward  dx = g (softmax(x)(1 + 2 z lse) - (1-eps) onehot(t) - eps/V).                   reads NV, writes NV
 // fwd_bwd_  both at once, the gradient overwriting the logits (fused_linear_cross_entropy's own chunk buffer).
 //
-// SIMD: torch's CPU kernels pick AVX2/AVX-512 at run time, but this extension is built without -march flags
-// (binaries must run on any x86-64), so at::vec would fall back to its scalar base. Instead the row loops are
-// plain, branch-free C++ (with a polynomial exp) that GCC auto-vectorizes, compiled three times with
-// target_clones (x86-64-v4 = AVX-512, v3 = AVX2+FMA, baseline) and picked by the loader for this CPU.
+// SIMD: the row loops are plain, branch-free C++ (with a polynomial exp) under I2L_CLONES (simd.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
+
+#include "huge_pages.h"
+#include "simd.h"
 
 #include <cmath>
 #include <cstdint>
@@ -21,11 +21,6 @@
 #include <limits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define I2L_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define I2L_CLONES
-#endif
 
 namespace intro2llm {
 namespace {
@@ -224,7 +219,7 @@ at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& 
   const auto tc = targets.contiguous();
   const auto gc = grad_loss.to(at::kFloat).contiguous();
   const auto lc = lse.contiguous();
-  auto grad = at::empty_like(xc);
+  auto grad = empty_output_like(xc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "cross_entropy_bwd_cpu", [&] {
     bwd_impl<scalar_t>(gc.const_data_ptr<float>(), xc.const_data_ptr<scalar_t>(), tc.const_data_ptr<int64_t>(),
                        lc.const_data_ptr<float>(), grad.mutable_data_ptr<scalar_t>(), p);

@@ -27,6 +27,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -42,11 +44,6 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const int* ldc) __attribute__((weak));
 }
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64)) && !defined(__clang__)
-#define FA_VECTORIZED __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FA_VECTORIZED
-#endif
 
 namespace intro2llm {
 namespace {
@@ -132,7 +129,7 @@ inline float exp_poly(float x) {
 // One query row against one key chunk, forward. s[0, n): raw scores q·k_j; visible keys are [a, b) (a < b) and,
 // with `keep`, only those with keep[j]. Updates the running max m and sum l, turns s into p = exp(s·scale − m_new)
 // (0 outside), and rescales the row's accumulator o[0, D) by exp(m_old − m_new).
-FA_VECTORIZED void softmax_chunk_row(float* s, int64_t n, int64_t a, int64_t b, const bool* keep, float scale,
+I2L_CLONES void softmax_chunk_row(float* s, int64_t n, int64_t a, int64_t b, const bool* keep, float scale,
                                      float* m, float* l, float* o, int64_t D) {
   float mx = kNegInf;
   // `omp simd` lets the compiler reorder the max/sum reductions, which is what makes these loops vectorize
@@ -169,7 +166,7 @@ FA_VECTORIZED void softmax_chunk_row(float* s, int64_t n, int64_t a, int64_t b, 
 }
 
 // Backward: s[0, n) raw scores → p = exp(s·scale − lse) on the visible keys [a, b) (and keep), 0 elsewhere.
-FA_VECTORIZED void probs_row(float* s, int64_t n, int64_t a, int64_t b, const bool* keep, float scale, float lse) {
+I2L_CLONES void probs_row(float* s, int64_t n, int64_t a, int64_t b, const bool* keep, float scale, float lse) {
   for (int64_t j = 0; j < a; ++j) s[j] = 0.f;
   for (int64_t j = b; j < n; ++j) s[j] = 0.f;
   if (lse == kNegInf) {  // row saw no key in the forward: no gradient flows through it
@@ -185,12 +182,12 @@ FA_VECTORIZED void probs_row(float* s, int64_t n, int64_t a, int64_t b, const bo
 }
 
 // dS = P ∘ (dP − Δ) · scale over a row of n entries (P is 0 where masked, so dS is too); written into dp.
-FA_VECTORIZED void dscores_row(const float* p, float* dp, int64_t n, float delta, float scale) {
+I2L_CLONES void dscores_row(const float* p, float* dp, int64_t n, float delta, float scale) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta) * scale;
 }
 
-FA_VECTORIZED float dot_row(const float* a, const float* b, int64_t n) {
+I2L_CLONES float dot_row(const float* a, const float* b, int64_t n) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];

@@ -1,5 +1,6 @@
 // RMSNorm on CPU: one pass per row for the statistic, one for the output; rows in parallel (OpenMP via
-// at::parallel_for), columns vectorized with at::vec. fp32/bf16/fp16 inputs, fp32 accumulation.
+// at::parallel_for), columns vectorized by I2L_CLONES row functions (simd.h). fp32/bf16/fp16 inputs, fp32
+// accumulation.
 //
 // Forward  y = x * r * w,  r = 1/sqrt(mean(x^2) + eps)                           reads MN, writes MN
 // Backward dx = r * (g*w) - x * r^3 * mean(g*w*x),  dw = sum_rows(g * x * r)      reads 2MN, writes MN
@@ -7,8 +8,10 @@
 // Reduced-precision rows are widened to fp32 in a thread-local buffer (one row, stays in L1/L2).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
+
+#include "huge_pages.h"
+#include "simd.h"
 
 #include <cmath>
 #include <vector>
@@ -16,47 +19,46 @@
 namespace intro2llm {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-
-// sum(a[i] * b[i]) over n floats.
-inline float dot(const float* a, const float* b, int64_t n) {
-  Vec acc(0.f);
-  int64_t d = 0;
-  for (; d + Vec::size() <= n; d += Vec::size()) {
-    acc = at::vec::fmadd(Vec::loadu(a + d), Vec::loadu(b + d), acc);
-  }
-  float s = at::vec::vec_reduce_all<float>([](Vec& u, Vec& v) { return u + v; }, acc);
-  for (; d < n; ++d) s += a[d] * b[d];
-  return s;
+// One fp32 row: y = x * r * w; returns r = 1/sqrt(mean(x^2) + eps).
+I2L_CLONES float rms_fwd_row(const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t N,
+                             float eps) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t d = 0; d < N; ++d) ss += x[d] * x[d];
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(N) + eps);
+#pragma omp simd
+  for (int64_t d = 0; d < N; ++d) y[d] = x[d] * r * w[d];
+  return r;
 }
 
-// Pointer to row `i` as fp32: the row itself for fp32 input, else widened into `buf`.
-template <typename scalar_t>
-inline const float* row_as_float(const scalar_t* base, int64_t N, std::vector<float>& buf) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return base;
-  } else {
-    at::vec::convert(base, buf.data(), N);
-    return buf.data();
+// One fp32 row of the backward: dx = r (g w) - x r^3 mean(g w x);  dw += g x r.
+I2L_CLONES void rms_bwd_row(const float* __restrict g, const float* __restrict x, const float* __restrict w, float r,
+                            float* __restrict dx, float* __restrict dw, int64_t N) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t d = 0; d < N; ++d) s += g[d] * w[d] * x[d];
+  const float coef = r * r * r * s / static_cast<float>(N);
+#pragma omp simd
+  for (int64_t d = 0; d < N; ++d) {
+    dx[d] = g[d] * w[d] * r - x[d] * coef;
+    dw[d] += g[d] * x[d] * r;
   }
 }
 
 template <typename scalar_t>
 void rms_norm_fwd_impl(const scalar_t* x, const float* w, scalar_t* y, float* rstd, int64_t M, int64_t N, float eps) {
-  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> xbuf(std::is_same_v<scalar_t, float> ? 0 : N), ybuf(N);
+  // ~16K elements per task: small inputs (a decode step's one row) run inline, without waking the thread pool
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / N), [&](int64_t begin, int64_t end) {
+    constexpr bool kF32 = std::is_same_v<scalar_t, float>;
+    std::vector<float> xbuf(kF32 ? 0 : N), ybuf(kF32 ? 0 : N);
     for (int64_t i = begin; i < end; ++i) {
-      const float* xr = row_as_float(x + i * N, N, xbuf);
-      const float r = 1.f / std::sqrt(dot(xr, xr, N) / static_cast<float>(N) + eps);
-      rstd[i] = r;
-      float* out = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(y + i * N) : ybuf.data();
-      const Vec rv(r);
-      int64_t d = 0;
-      for (; d + Vec::size() <= N; d += Vec::size()) {
-        (Vec::loadu(xr + d) * rv * Vec::loadu(w + d)).store(out + d);
+      if constexpr (kF32) {
+        rstd[i] = rms_fwd_row(x + i * N, w, y + i * N, N, eps);
+      } else {
+        to_f32(x + i * N, xbuf.data(), N);
+        rstd[i] = rms_fwd_row(xbuf.data(), w, ybuf.data(), N, eps);
+        from_f32(ybuf.data(), y + i * N, N);
       }
-      for (; d < N; ++d) out[d] = xr[d] * r * w[d];
-      if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(out, y + i * N, N);
     }
   });
 }
@@ -67,33 +69,20 @@ void rms_norm_bwd_impl(const scalar_t* g, const scalar_t* x, const float* w, con
   // One chunk of rows per task; each task owns one fp32 row of dw_partial, summed by the caller.
   const int64_t rows_per_chunk = (M + num_chunks - 1) / num_chunks;
   at::parallel_for(0, num_chunks, 1, [&](int64_t cbegin, int64_t cend) {
-    std::vector<float> xbuf(std::is_same_v<scalar_t, float> ? 0 : N), gbuf(N), wg(N), dxbuf(N);
+    constexpr bool kF32 = std::is_same_v<scalar_t, float>;
+    std::vector<float> xbuf(kF32 ? 0 : N), gbuf(kF32 ? 0 : N), dxbuf(kF32 ? 0 : N);
     for (int64_t c = cbegin; c < cend; ++c) {
       float* dwp = dw_partial + c * N;
       const int64_t rend = std::min(M, (c + 1) * rows_per_chunk);
       for (int64_t i = c * rows_per_chunk; i < rend; ++i) {
-        const float* xr = row_as_float(x + i * N, N, xbuf);
-        const float* gr = row_as_float(g + i * N, N, gbuf);
-        const float r = rstd[i];
-        int64_t d = 0;
-        for (; d + Vec::size() <= N; d += Vec::size()) {
-          const Vec gv = Vec::loadu(gr + d);
-          (gv * Vec::loadu(w + d)).store(wg.data() + d);
-          at::vec::fmadd(gv * Vec::loadu(xr + d), Vec(r), Vec::loadu(dwp + d)).store(dwp + d);
+        if constexpr (kF32) {
+          rms_bwd_row(g + i * N, x + i * N, w, rstd[i], dx + i * N, dwp, N);
+        } else {
+          to_f32(x + i * N, xbuf.data(), N);
+          to_f32(g + i * N, gbuf.data(), N);
+          rms_bwd_row(gbuf.data(), xbuf.data(), w, rstd[i], dxbuf.data(), dwp, N);
+          from_f32(dxbuf.data(), dx + i * N, N);
         }
-        for (; d < N; ++d) {
-          wg[d] = gr[d] * w[d];
-          dwp[d] += gr[d] * xr[d] * r;
-        }
-        const float coef = r * r * r * dot(wg.data(), xr, N) / static_cast<float>(N);
-        float* out = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(dx + i * N) : dxbuf.data();
-        const Vec rv(r), cv(coef);
-        d = 0;
-        for (; d + Vec::size() <= N; d += Vec::size()) {
-          (Vec::loadu(wg.data() + d) * rv - Vec::loadu(xr + d) * cv).store(out + d);
-        }
-        for (; d < N; ++d) out[d] = wg[d] * r - xr[d] * coef;
-        if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(out, dx + i * N, N);
       }
     }
   });
@@ -114,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cpu(const at::Tensor& x, const a
   const auto xc = x.contiguous();
   const auto wf = weight.to(at::kFloat).contiguous();
   const int64_t N = x.size(-1), M = x.numel() / N;
-  auto y = at::empty_like(xc);
+  auto y = empty_output_like(xc);
   auto rstd_sizes = x.sizes().vec();
   rstd_sizes.pop_back();
   auto rstd = at::empty(rstd_sizes, x.options().dtype(at::kFloat));
@@ -138,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu(const at::Tensor& grad_y, co
   const auto rc = rstd.contiguous();
   const int64_t N = x.size(-1), M = x.numel() / N;
   const int64_t num_chunks = std::max<int64_t>(1, std::min<int64_t>(M, at::get_num_threads()));
-  auto dx = at::empty_like(xc);
+  auto dx = empty_output_like(xc);
   auto dw_partial = at::zeros({num_chunks, N}, x.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm_bwd_cpu", [&] {
     rms_norm_bwd_impl<scalar_t>(gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), wf.const_data_ptr<float>(),
