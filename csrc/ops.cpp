@@ -56,6 +56,17 @@ TORCH_LIBRARY(intro2llm, m) {
         "int window, float scale, Tensor? key_padding_mask) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   // END flash-attention schemas
 
+  // ---- fused decode step (csrc/cpu/decode_step.cpp) --------------------------------------------------------
+  // One greedy/sampling step of a Llama-style CausalLM (pre-norm RMSNorm, RoPE, GQA, SwiGLU), all layers in one
+  // call, fp32, CPU: h (B, C) = embedded tokens; per layer 10 entries of `layers`: input-norm weight (C),
+  // W_qkv (C, H·D + 2·Hkv·D) and its bias or None, W_o (H·D, C) and bias, post-norm weight (C), W_gate_up (C, 2F)
+  // and bias, W_down (F, C) and bias (weights stored (in, out)); k_cache/v_cache (L, B, Hkv, Tmax, D) get this
+  // step's keys/values at slot `pos`; cos/sin (1|B, D) this step's rotary rows; key_padding_mask (B, pos + 1)
+  // bool or None; window <= 0: none. Returns the (B, V) logits of rms_norm(h)·head (head (C, V)).
+  m.def("decode_step(Tensor h, Tensor?[] layers, Tensor norm_weight, Tensor head, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, int pos, Tensor cos, Tensor sin, Tensor? key_padding_mask, int num_heads, float eps, "
+        "int window) -> Tensor");
+
   // ---- tokenizer core (tokenizer owner) ---------------------------------------------------------------------
   // BEGIN tokenizer schemas
   // BPE merge loop (csrc/cpu/bpe_train.cpp): words = int32 base-symbol ids, word i = words[offsets[i]:offsets[i+1]],

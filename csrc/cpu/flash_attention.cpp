@@ -105,27 +105,6 @@ void gemm_tn(int64_t m, int64_t n, int64_t k, float alpha, const float* A, int64
 #pragma GCC push_options
 #pragma GCC optimize("no-trapping-math")
 #endif
-// exp(x) for x ≤ ~88 (Cephes expf): x = n·ln2 + r, |r| ≤ ln2/2, exp(r) by a degree-6 polynomial, 2^n by bits.
-// Branch-free so the loops that call it vectorize; exp(-inf) and anything below -87 give 0.
-inline float exp_poly(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // ternaries, not std::min/max: they vectorize to min/max
-  // n = round(x / ln2); floor via truncation of a positive number (x/ln2 >= -126), which vectorizes
-  const int32_t ni = static_cast<int32_t>(x * 1.44269504088896341f + 128.5f) - 128;
-  const float n = static_cast<float>(ni);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  const int32_t bits = (ni + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(float));
-  return y * two_n;
-}
-
 // One query row against one key chunk, forward. s[0, n): raw scores q·k_j; visible keys are [a, b) (a < b) and,
 // with `keep`, only those with keep[j]. Updates the running max m and sum l, turns s into p = exp(s·scale − m_new)
 // (0 outside), and rescales the row's accumulator o[0, D) by exp(m_old − m_new).

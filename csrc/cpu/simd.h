@@ -62,4 +62,36 @@ inline void from_f32(const float* src, scalar_t* dst, int64_t n) {
 }
 
 }  // namespace
+
+// GCC if-converts the clamps below into vector min/max only when FP compares may not trap (torch itself builds
+// with -fno-trapping-math); callers that should vectorize sit in the same push/pop region (see flash_attention.cpp).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#endif
+// exp(x) for x ≤ ~88 (Cephes expf): x = n·ln2 + r, |r| ≤ ln2/2, exp(r) by a degree-6 polynomial, 2^n by bits.
+// Branch-free so the loops that call it vectorize; exp(-inf) and anything below -87 give 0.
+inline float exp_poly(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // ternaries, not std::min/max: they vectorize to min/max
+  // n = round(x / ln2); floor via truncation of a positive number (x/ln2 >= -126), which vectorizes
+  const int32_t ni = static_cast<int32_t>(x * 1.44269504088896341f + 128.5f) - 128;
+  const float n = static_cast<float>(ni);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (ni + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(float));
+  return y * two_n;
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
 }  // namespace intro2llm

@@ -362,10 +362,13 @@ class CausalLM(nn.Module):
         h = self._backbone(input_ids, pos, cache, None if full_mask is None else full_mask[:, :T0])
         nxt = yield self.lm_head(h[:, -1])  # (B, V) in, (B,) next tokens back
         fused = self._fused_decode_weights(transposed=True)  # None: a module was swapped (LoRA, 4-bit)
+        flat = self._cpp_decode_args(fused, cache) if fused is not None else None
         for i in range(max_new_tokens - 1):
             p = steps[i] if full_mask is None else steps[:, i : i + 1]
             kpm = None if full_mask is None else full_mask[:, : T0 + i + 1]
-            if fused is not None:
+            if flat is not None:
+                nxt = yield self._cpp_decode_step(nxt, p, cache, kpm, flat)
+            elif fused is not None:
                 nxt = yield self._fast_decode_step(nxt[:, None], p, cache, kpm, fused)
             else:
                 h = self._backbone(nxt[:, None], p, cache, kpm)  # (B, 1, C)
@@ -449,6 +452,51 @@ class CausalLM(nn.Module):
             h = h + mm(ops.swiglu(gu[:, :F], gu[:, F:]), wt_down, b_down)
         cache.advance(1)
         return mm(ops.rms_norm(h, self.norm.weight, self.norm.eps), head, None)  # (B, V)
+
+    def _cpp_decode_args(self, fused: tuple[list[tuple[torch.Tensor | None, ...]], torch.Tensor, bool],
+                         cache: KVCache) -> tuple[list[torch.Tensor | None], torch.Tensor, torch.Tensor, float] | None:
+        """Arguments of ``intro2llm::decode_step`` (csrc/cpu/decode_step.cpp, every layer of a step in one C++
+        call), or None where it does not apply and ``_fast_decode_step`` runs: not CPU/fp32, no C++ extension,
+        another backend requested (``use_backend`` / ``INTRO2LLM_BACKEND``), or norms with different eps."""
+        from intro2llm.ops import _dispatch
+
+        layers, head, transposed = fused
+        if not (transposed and isinstance(cache, StaticKVCache) and cache.k.dtype == torch.float32
+                and head.device.type == "cpu" and head.dtype == torch.float32):
+            return None
+        try:
+            if _dispatch.resolve_backend("decode_step", head.device, implemented=("reference", "cpp"),
+                                         compiled_op="decode_step", dtype=torch.float32) != "cpp":
+                return None
+        except _dispatch.BackendUnavailableError:
+            return None  # a backend this fast path does not have was asked for: the ops path honours it
+        norms = [m for layer in self.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
+        norms.append(self.norm)
+        eps = norms[0].eps
+        if any(n.eps != eps or n.weight.dtype != torch.float32 for n in norms):
+            return None
+        flat: list[torch.Tensor | None] = []
+        for layer, (w_qkv, b_qkv, w_o, b_o, w_gu, b_gu, w_down, b_down) in zip(self.layers, layers):
+            flat += [layer.input_layernorm.weight.detach().contiguous(), w_qkv, b_qkv, w_o, b_o,
+                     layer.post_attention_layernorm.weight.detach().contiguous(), w_gu, b_gu, w_down, b_down]
+        if any(t is not None and t.dtype != torch.float32 for t in flat):
+            return None
+        return flat, self.norm.weight.detach().contiguous(), head, eps
+
+    def _cpp_decode_step(self, nxt: torch.Tensor, pos: torch.Tensor, cache: StaticKVCache, kpm: torch.Tensor | None,
+                         args: tuple[list[torch.Tensor | None], torch.Tensor, torch.Tensor, float]) -> torch.Tensor:
+        """One decode step (B,) next ids → (B, V) logits in one C++ call (the math of ``_fast_decode_step``)."""
+        flat, norm_w, head, eps = args
+        c = self.config
+        h = nn.functional.embedding(nxt, self.embed_tokens.weight)  # (B, C)
+        cos, sin = self.rotary(pos, check=False)
+        D = c.head_dim
+        logits = torch.ops.intro2llm.decode_step(
+            h, flat, norm_w, head, cache.k, cache.v, cache.seq_len, cos.reshape(-1, D).float().contiguous(),
+            sin.reshape(-1, D).float().contiguous(), kpm, c.num_attention_heads, eps, c.sliding_window or 0,
+        )
+        cache.advance(1)
+        return logits
 
     def _decode_uncached(self, input_ids: torch.Tensor, mask: torch.Tensor | None,
                          max_new_tokens: int) -> Iterator[torch.Tensor]:
