@@ -298,8 +298,12 @@ void bwd_impl(const float* dout, const float* q, const float* k, const float* v,
     for (int64_t i = begin; i < end; ++i) delta[i] = dot_row(out + i * D, dout + i * D, D);
   });
 
-  // pass 1: dK, dV per (b, kv head, key block), summed over the group's query heads and all query blocks
+  // pass 1: dK, dV per (b, kv head, key block), summed over the group's query heads and all query blocks.
+  // With a single key block (Tk <= kBwdBlockK: short training sequences) a tile's dS already holds every key a
+  // query row sees, so dQ = dS K is final here and pass 2 (which would recompute P and dP) is skipped; the
+  // caller zero-fills dq for the rows no tile visits.
   const int64_t nkb = (Tk + kBwdBlockK - 1) / kBwdBlockK;
+  const bool one_key_block = nkb == 1;
   parallel_tasks(B * Hkv * nkb, [&](int64_t task) {
     thread_local std::vector<float> p_buf, dp_buf, dk_buf, dv_buf;
     p_buf.resize(kBwdBlockQ * kBwdBlockK);
@@ -331,12 +335,14 @@ void bwd_impl(const float* dout, const float* q, const float* k, const float* v,
         gemm_nt(nq, nk, D, 1.f, dop, D, vp, D, 0.f, dP, nk);  // dP = dO Vᵀ  (nq, nk)
         for (int64_t r = 0; r < nq; ++r) dscores_row(P + r * nk, dP + r * nk, nk, delta[bh * Tq + q0 + r], scale);
         gemm_tn(nk, D, nq, 1.f, dP, nk, qp, D, 1.f, dK, D);   // dK += dSᵀ Q  (nk, D)
+        if (one_key_block) gemm_nn(nq, D, nk, 1.f, dP, nk, kp, D, 0.f, dq + (bh * Tq + q0) * D, D);  // dQ = dS K
       }
     }
     std::copy(dK, dK + nk * D, dk + (bhk * Tk + k0) * D);
     std::copy(dV, dV + nk * D, dv + (bhk * Tk + k0) * D);
   });
 
+  if (one_key_block) return;
   // pass 2: dQ per (b, head, query block), streaming over its visible keys
   const int64_t nqb = (Tq + kBwdBlockQ - 1) / kBwdBlockQ;
   parallel_tasks(B * H * nqb, [&](int64_t task) {
@@ -446,7 +452,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cpu(
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3), Hkv = k.size(1), Tk = k.size(2);
   const auto qf = as_f32(q), kf = as_f32(k), vf = as_f32(v), of = as_f32(out), gf = as_f32(grad_out);
   const auto lc = lse.contiguous();
-  auto dq = at::empty({B, H, Tq, D}, q.options().dtype(at::kFloat));
+  auto dq = Tk <= kBwdBlockK ? at::zeros({B, H, Tq, D}, q.options().dtype(at::kFloat))  // see bwd_impl pass 1
+                             : at::empty({B, H, Tq, D}, q.options().dtype(at::kFloat));
   auto dk = at::zeros({B, Hkv, Tk, D}, q.options().dtype(at::kFloat));
   auto dv = at::zeros({B, Hkv, Tk, D}, q.options().dtype(at::kFloat));
   at::Tensor keep;
