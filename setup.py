@@ -57,7 +57,7 @@ def _extensions():
 
     cpu_sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp")] + cpu_sources)
-    cxx = ["-O3", "-fopenmp", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
     if os.environ.get("INTRO2LLM_NATIVE", "0") == "1":
         cxx.append("-march=native")
     kwargs = dict(

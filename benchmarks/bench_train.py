@@ -5,9 +5,9 @@ same shape + ``torch.optim.AdamW`` — same batch, sequence length, fp32, CPU (o
     python benchmarks/bench_train.py [--batch 8 --seq 128 --rounds 6]                 # ratios + peak memory
 
 A step is forward with labels (the loss), backward, ``optimizer.step()``, ``zero_grad``. Ours uses the fused
-linear + cross-entropy (no (B, T, V) logits), the ops' fast backends (C++ on CPU) and the ``torch._foreach_*``
-AdamW; Hugging Face uses its eager model with SDPA attention and ``torch.optim.AdamW`` defaults. Both have the
-same parameters (``intro2llm.interop`` maps the names) and identical initial weights.
+linear + cross-entropy (no (B, T, V) logits), the ops' fast backends (C++ on CPU) and the fused C++ AdamW
+(``build_optimizer``'s choice); Hugging Face uses its eager model with SDPA attention and ``torch.optim.AdamW``
+defaults. Both have the same parameters (``intro2llm.interop`` maps the names) and identical initial weights.
 
 Time: the two steps alternate within one process (``--rounds`` rounds after a warm-up), median per side, so the
 ratio survives a noisy shared machine. Peak memory: each side runs in a fresh subprocess; after imports, ``VmRSS``
@@ -51,8 +51,10 @@ def build(impl: str, batch: int = BATCH, seq: int = SEQ, seed: int = 0, precisio
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g).to(DEVICE)
     if impl == "ours":
         from intro2llm.optimizer import AdamW
+        from intro2llm.optimizer.adamw import fused_unavailable
 
-        model, opt = ours, AdamW(ours.parameters(), lr=1e-4)
+        # fused (one C++ pass over p, g, m, v) where it applies, as build_optimizer sets it up for the trainer
+        model, opt = ours, AdamW(ours.parameters(), lr=1e-4, fused=fused_unavailable(ours.parameters()) is None or None)
 
         def loss_fn():
             if precision == "fp32":

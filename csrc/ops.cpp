@@ -56,6 +56,13 @@ TORCH_LIBRARY(intro2llm, m) {
         "int window, float scale, Tensor? key_padding_mask) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   // END flash-attention schemas
 
+  // ---- fused AdamW step (csrc/cpu/adamw.cpp) ------------------------------------------------------------------
+  // In place over lists (one entry per parameter): p, exp_avg, exp_avg_sq updated from grads; step_sizes[i] =
+  // -lr / (1 - beta1^t_i), bc2_sqrts[i] = sqrt(1 - beta2^t_i). See intro2llm/optimizer/adamw.py.
+  m.def("adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "float[] step_sizes, float[] bc2_sqrts, float lr, float beta1, float beta2, float eps, float weight_decay, "
+        "bool maximize) -> ()");
+
   // ---- fused decode step (csrc/cpu/decode_step.cpp) --------------------------------------------------------
   // One greedy/sampling step of a Llama-style CausalLM (pre-norm RMSNorm, RoPE, GQA, SwiGLU), all layers in one
   // call, fp32, CPU: h (B, C) = embedded tokens; per layer 10 entries of `layers`: input-norm weight (C),

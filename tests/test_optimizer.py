@@ -82,6 +82,39 @@ def test_adamw_matches_torch_options(foreach, amsgrad, maximize):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("maximize", [False, True])
+def test_fused_adamw_equals_foreach_to_rounding(maximize):
+    from intro2llm.optimizer.adamw import fused_unavailable
+
+    model = _Net()
+    if fused_unavailable(model.parameters()) is not None:  # CI builds the extension (INTRO2LLM_REQUIRE_EXT=1)
+        pytest.skip(f"fused AdamW unavailable: {fused_unavailable(model.parameters())}")
+    ref = copy.deepcopy(model)
+    kw = dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, maximize=maximize)
+    fused = AdamW(param_groups(model, 0.05), fused=True, **kw)
+    foreach = AdamW(param_groups(ref, 0.05), **kw)
+    _run(model, fused, 5, _net_loss)
+    _run(ref, foreach, 5, _net_loss)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(fused.state[p][key], foreach.state[q][key], atol=1e-7, rtol=1e-4)
+    assert build_optimizer("adamw", model, 1e-3).param_groups[0]["fused"] is True  # the trainer's optimizer
+
+
+def test_fused_adamw_refuses_what_it_cannot_run():
+    p64 = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    p64.grad = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float32 on CPU"):
+        AdamW([p64], fused=True).step()
+    p = nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="amsgrad"):
+        AdamW([p], fused=True, amsgrad=True).step()
+    with pytest.raises(ValueError, match="exclude each other"):
+        AdamW([p], fused=True, foreach=True)
+
+
 def test_adamw_hand_computed_step():
     p = nn.Parameter(torch.tensor([1.0, -2.0]))
     opt = AdamW([p], lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.5)

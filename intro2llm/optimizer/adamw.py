@@ -9,12 +9,20 @@ For each parameter p with gradient g at step t (1-based):
     p   <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
 The constructor, the state names (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) and the order of the
-floating-point operations follow ``torch.optim.AdamW``, so the two agree to the last bit on CPU and their state
-dicts load into each other. ``foreach=True`` (the default) updates all tensors of a group with ``torch._foreach_*``
-(one C++ loop per operation instead of a Python loop per tensor); ``foreach=False`` is the readable per-tensor loop.
+floating-point operations follow ``torch.optim.AdamW``, so their state dicts load into each other. Three paths:
+
+- ``foreach=True`` (the default): each line of the update runs over the whole list with ``torch._foreach_*``;
+  agrees with ``torch.optim.AdamW`` to the last bit on CPU.
+- ``foreach=False``: the readable per-tensor loop (the lesson's formulas), also bit-identical.
+- ``fused=True``: ``intro2llm::adamw_step_`` (csrc/cpu/adamw.cpp) updates every tensor in one pass over p, g, m, v
+  where the foreach path streams the optimizer state through memory ~8 times (tiny preset, 1 thread: see
+  csrc/cpu/adamw.cpp for the figures). CPU float32 contiguous parameters, no ``amsgrad``, the C++ extension built;
+  otherwise ``step`` raises ``ValueError`` naming what is missing (``fused_unavailable(params)`` asks first).
+  Equal to torch to ~1 ulp per step, not bit for bit (torch's sqrt is MKL's vector math, not always correctly
+  rounded); ``build_optimizer("adamw", ...)`` turns it on where it applies.
 
 Not handled: complex parameters, sparse gradients, ``capturable``/``differentiable`` (CUDA graphs and
-differentiating through the step) — those raise ``ValueError``. ``fused=True`` is accepted and means ``foreach``.
+differentiating through the step) — those raise ``ValueError``.
 """
 
 from __future__ import annotations
@@ -54,10 +62,9 @@ class AdamW(Optimizer):
             raise ValueError(f"AdamW: weight_decay must be >= 0, got {weight_decay}")
         if capturable or differentiable:
             raise ValueError("AdamW: capturable=True and differentiable=True are not supported here")
-        # foreach is on unless the caller asks for the per-tensor loop; fused=True is our foreach path.
-        use_foreach = True if foreach is None else bool(foreach)
-        if fused:
-            use_foreach = True
+        if fused and foreach:
+            raise ValueError("AdamW: fused=True and foreach=True exclude each other")
+        use_foreach = True if foreach is None else bool(foreach)  # foreach unless the per-tensor loop is asked for
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             foreach=use_foreach, capturable=False, differentiable=False, fused=fused,
@@ -112,7 +119,13 @@ class AdamW(Optimizer):
             params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = self._init_group(group)
             if not params:
                 continue
-            fn = _adamw_foreach if group["foreach"] else _adamw_loop
+            if group.get("fused"):
+                why_not = "amsgrad=True is not fused" if group["amsgrad"] else fused_unavailable(params, grads)
+                if why_not is not None:
+                    raise ValueError(f"AdamW(fused=True) cannot run: {why_not}")
+                fn = _adamw_fused
+            else:
+                fn = _adamw_foreach if group["foreach"] else _adamw_loop
             fn(
                 params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps,
                 lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
@@ -163,3 +176,28 @@ def _adamw_foreach(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, *, lr, 
     torch._foreach_div_(denom, bc2_sqrts)
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
+
+
+def fused_unavailable(params: Iterable[torch.Tensor], grads: Iterable[torch.Tensor] = ()) -> str | None:
+    """Why ``AdamW(fused=True)`` cannot update these parameters (and gradients), or None."""
+    from intro2llm.ops import _dispatch
+
+    if _dispatch.extension_error() is not None or not hasattr(torch.ops.intro2llm, "adamw_step_"):
+        return f"the C++ extension is not available ({_dispatch.extension_error()})"
+    for t in (*params, *grads):
+        if t.device.type != "cpu" or t.dtype != torch.float32:
+            return f"parameters and gradients must be float32 on CPU, got {t.dtype} on {t.device}"
+        if not t.is_contiguous():
+            return f"parameters and gradients must be contiguous (a tensor of shape {tuple(t.shape)} is not)"
+    return None
+
+
+def _adamw_fused(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
+                 amsgrad, maximize) -> None:
+    """The same update in one C++ pass per tensor (``intro2llm::adamw_step_``); amsgrad is never fused."""
+    torch._foreach_add_(steps, 1.0)
+    ts = [s.item() for s in steps]
+    step_sizes = [-(lr / (1 - beta1**t)) for t in ts]
+    bc2_sqrts = [(1 - beta2**t) ** 0.5 for t in ts]
+    torch.ops.intro2llm.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, step_sizes, bc2_sqrts, lr, beta1, beta2, eps,
+                                    weight_decay, maximize)

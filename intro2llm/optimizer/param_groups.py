@@ -55,12 +55,14 @@ def build_optimizer(
     betas: tuple[float, float] | None = None,
     eps: float = 1e-8,
 ) -> torch.optim.Optimizer:
-    """``adamw`` (ours), ``lion`` (ours) or ``torch-adamw`` over ``param_groups(model, weight_decay)``."""
+    """``adamw`` (ours; fused where ``fused_unavailable`` says it can be), ``lion`` (ours) or ``torch-adamw`` over
+    ``param_groups(model, weight_decay)``."""
     groups = param_groups(model, weight_decay)
     if name == "adamw":
-        from intro2llm.optimizer.adamw import AdamW
+        from intro2llm.optimizer.adamw import AdamW, fused_unavailable
 
-        return AdamW(groups, lr=lr, betas=betas or (0.9, 0.95), eps=eps)
+        fused = fused_unavailable(model.parameters()) is None  # one C++ pass per step where it applies
+        return AdamW(groups, lr=lr, betas=betas or (0.9, 0.95), eps=eps, fused=fused or None)
     if name == "lion":
         from intro2llm.optimizer.lion import Lion
 
