@@ -53,6 +53,7 @@ namespace {
 // causal forward 0.99x the time of torch SDPA, window 512 4.06x faster than full causal; 16 and 64 were slower
 // on one or the other.
 constexpr int64_t kBlockQ = 32;       // query rows per forward task
+constexpr int64_t kKeyAlign = 16;     // forward key ranges start at a multiple of this
 constexpr int64_t kBlockK = 1024;     // keys per streamed chunk (forward), split evenly over the visible range
 constexpr int64_t kBwdBlockK = 128;   // keys per backward pass-1 task
 constexpr int64_t kBwdBlockQ = 64;    // query rows per backward tile
@@ -257,7 +258,9 @@ void fwd_impl(const float* q, const float* k, const float* v, Strides qs, Stride
     std::fill(O, O + M * D, 0.f);
     std::fill(m, m + M, kNegInf);
     std::fill(l, l + M, 0.f);
-    const int64_t kstart = mk.lo(q0), kend = mk.hi(q1 - 1);  // union of the rows' visible ranges
+    // union of the rows' visible ranges, its start rounded down to a multiple of kKeyAlign: the extra keys are
+    // masked, and aligned column counts suit the GEMM kernels (window 512 at T=4096: 3.80x -> 3.87x causal's speed)
+    const int64_t kstart = mk.lo(q0) / kKeyAlign * kKeyAlign, kend = mk.hi(q1 - 1);
     // equal chunks of at most kBlockK keys (no small ragged last chunk: small GEMMs are inefficient)
     const int64_t nchunks = (kend - kstart + kBlockK - 1) / kBlockK;
     const int64_t chunk = nchunks > 0 ? (kend - kstart + nchunks - 1) / nchunks : kBlockK;
