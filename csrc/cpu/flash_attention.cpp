@@ -457,8 +457,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cpu(
   const auto lc = lse.contiguous();
   auto dq = Tk <= kBwdBlockK ? at::zeros({B, H, Tq, D}, q.options().dtype(at::kFloat))  // see bwd_impl pass 1
                              : at::empty({B, H, Tq, D}, q.options().dtype(at::kFloat));
-  auto dk = at::zeros({B, Hkv, Tk, D}, q.options().dtype(at::kFloat));
-  auto dv = at::zeros({B, Hkv, Tk, D}, q.options().dtype(at::kFloat));
+  // every (b, kv head, key block) task of pass 1 writes its rows of dk and dv: no zero-fill needed
+  auto dk = at::empty({B, Hkv, Tk, D}, q.options().dtype(at::kFloat));
+  auto dv = at::empty({B, Hkv, Tk, D}, q.options().dtype(at::kFloat));
   at::Tensor keep;
   if (kpm.has_value()) keep = kpm->contiguous();
   const Mask mk{Tq, Tk, window, causal};
@@ -468,6 +469,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cpu(
              kpm.has_value() ? keep.const_data_ptr<bool>() : nullptr, dq.mutable_data_ptr<float>(),
              dk.mutable_data_ptr<float>(), dv.mutable_data_ptr<float>(), B, H, Hkv, D, mk,
              static_cast<float>(scale));
+  } else {  // no queries: no gradient reaches k or v
+    dk.zero_();
+    dv.zero_();
   }
   const auto dt = q.scalar_type();
   if (dt == at::kFloat) return {dq, dk, dv};

@@ -109,12 +109,18 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.addmm(bias, h, weight.t(), out=out)
 
 
-def _accumulate(grad_logits, h, weight, gh_out, gw32, gb32) -> None:
-    """From one chunk's dL/dlogits (n, V): write grad_hidden rows, add into the fp32 weight and bias gradients."""
+def _accumulate(grad_logits, h, weight, gh_out, gw32, gb32, first: bool) -> None:
+    """From one chunk's dL/dlogits (n, V): write grad_hidden rows, add into the fp32 weight and bias gradients
+    (``first``: the chunk that initializes the weight gradient, so it needs no zero-fill beforehand)."""
     torch.mm(grad_logits, weight, out=gh_out)  # (n, H)
     if gw32.dtype == grad_logits.dtype:
-        gw32.addmm_(grad_logits.t(), h)  # (V, H), accumulated in place
-    else:  # half inputs: the GEMM runs in their dtype (fp32 accumulation inside), the sum over chunks in fp32
+        if first:
+            torch.mm(grad_logits.t(), h, out=gw32)  # (V, H)
+        else:
+            gw32.addmm_(grad_logits.t(), h)  # accumulated in place
+    elif first:  # half inputs: the GEMM runs in their dtype (fp32 accumulation inside), the sum over chunks in fp32
+        gw32.copy_(torch.mm(grad_logits.t(), h))
+    else:
         gw32.add_(torch.mm(grad_logits.t(), h))
     if gb32 is not None:
         gb32.add_(grad_logits.sum(0, dtype=torch.float32))
@@ -144,7 +150,8 @@ def _flce_fwd(
     n_valid = int((targets != ignore_index).sum()) if reduction == "mean" else 1
     scale = 1.0 / n_valid if n_valid > 0 else 0.0  # every token ignored: zero gradients, loss nan (below)
     grad_hidden = torch.empty_like(hidden)  # (N, H)
-    gw32 = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)  # (V, H)
+    # (V, H) fp32, written by the first chunk (zeros when there is none)
+    gw32 = (torch.empty if N > 0 else torch.zeros)(weight.shape, device=weight.device, dtype=torch.float32)
     gb32 = None if bias is None else torch.zeros(V, device=weight.device, dtype=torch.float32)
     total = torch.zeros((), device=hidden.device, dtype=torch.float32)
     # the only vocabulary-sized buffer, allocated once: a fresh allocation per chunk would pay the OS's page faults
@@ -156,7 +163,7 @@ def _flce_fwd(
         logits = _chunk_logits(h, w, b, buf)  # (n, V)
         loss_rows, _ = kernel(logits, targets[start:end], scale, ignore_index, label_smoothing, 0.0)
         total += loss_rows.sum()
-        _accumulate(logits, h, w, grad_hidden[start:end], gw32, gb32)  # logits now hold dL/dlogits
+        _accumulate(logits, h, w, grad_hidden[start:end], gw32, gb32, start == 0)  # logits hold dL/dlogits
     loss = total / n_valid if reduction == "mean" else total  # 0/0 = nan when every token is ignored
     grad_bias = gb32.to(bias.dtype) if bias is not None else hidden.new_empty(0)
     return loss, grad_hidden, gw32.to(weight.dtype), grad_bias
@@ -253,7 +260,8 @@ def _flce_none_bwd(
     w, b = _cast(weight, bias, hidden.dtype)
     grad_loss = grad_loss.float().contiguous()
     grad_hidden = torch.empty_like(hidden)
-    gw32 = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+    gw32 = (torch.empty if hidden.shape[0] > 0 else torch.zeros)(weight.shape, device=weight.device,
+                                                                  dtype=torch.float32)
     gb32 = None if bias is None else torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32)
     buf = hidden.new_empty(min(chunk_size, hidden.shape[0]), weight.shape[0])  # reused by every chunk
     for start in range(0, hidden.shape[0], chunk_size):
@@ -261,7 +269,7 @@ def _flce_none_bwd(
         h = hidden[start:end]
         grad_logits = ce_bwd(grad_loss[start:end], _chunk_logits(h, w, b, buf), targets[start:end], lse[start:end],
                              ignore_index, label_smoothing, 0.0)
-        _accumulate(grad_logits, h, w, grad_hidden[start:end], gw32, gb32)
+        _accumulate(grad_logits, h, w, grad_hidden[start:end], gw32, gb32, start == 0)
     grad_bias = gb32.to(bias.dtype) if bias is not None else hidden.new_empty(0)
     return grad_hidden, gw32.to(weight.dtype), grad_bias
 
