@@ -36,17 +36,6 @@ constexpr int kPerLayer = 10;  // entries of `layers` per layer (see csrc/ops.cp
 #pragma GCC optimize("no-trapping-math")
 #endif
 
-// y = x / rms(x) · w, one row of n
-I2L_CLONES void rms_row(const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t n,
-                        float eps) {
-  float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t d = 0; d < n; ++d) ss += x[d] * x[d];
-  const float r = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
-#pragma omp simd
-  for (int64_t d = 0; d < n; ++d) y[d] = x[d] * r * w[d];
-}
-
 // In-place split-half rotation of one head row of D: (x1, x2) -> (x1 c1 - x2 s1, x2 c2 + x1 s2)
 I2L_CLONES void rope_inplace(float* __restrict x, const float* __restrict c, const float* __restrict s, int64_t D) {
   const int64_t h = D / 2;
@@ -302,7 +291,7 @@ at::Tensor decode_step_cpu(const at::Tensor& h_in, c10::List<c10::optional<at::T
     const auto* w = W.data() + l * kPerLayer;
     const int64_t F = w[6]->size(1) / 2;
     // attention block
-    for (int64_t b = 0; b < B; ++b) rms_row(hp + b * C, f32(*w[0]), xp + b * C, C, eps);
+    for (int64_t b = 0; b < B; ++b) rms_fwd_row(hp + b * C, f32(*w[0]), xp + b * C, C, eps);
     at::Tensor qkv = at::empty({B, NQKV}, h.options());
     small_gemm(x, *w[1], qkv, false);  // (B, NQKV)
     add_bias(qkv, w[2]);
@@ -330,7 +319,7 @@ at::Tensor decode_step_cpu(const at::Tensor& h_in, c10::List<c10::optional<at::T
     small_gemm(attn, *w[3], h, true);  // h += o W_o
     add_bias(h, w[4]);
     // feed-forward block
-    for (int64_t b = 0; b < B; ++b) rms_row(hp + b * C, f32(*w[5]), xp + b * C, C, eps);
+    for (int64_t b = 0; b < B; ++b) rms_fwd_row(hp + b * C, f32(*w[5]), xp + b * C, C, eps);
     at::Tensor gu = at::empty({B, 2 * F}, h.options());
     small_gemm(x, *w[6], gu, false);  // (B, 2F)
     add_bias(gu, w[7]);
@@ -341,7 +330,7 @@ at::Tensor decode_step_cpu(const at::Tensor& h_in, c10::List<c10::optional<at::T
     small_gemm(act, *w[8], h, true);  // h += act W_down
     add_bias(h, w[9]);
   }
-  for (int64_t b = 0; b < B; ++b) rms_row(hp + b * C, f32(norm_weight), xp + b * C, C, eps);
+  for (int64_t b = 0; b < B; ++b) rms_fwd_row(hp + b * C, f32(norm_weight), xp + b * C, C, eps);
   at::Tensor logits = at::empty({B, head.size(1)}, h.options());
   small_gemm(x, head.contiguous(), logits, false);  // (B, V)
   return logits;

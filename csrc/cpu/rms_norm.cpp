@@ -19,18 +19,6 @@
 namespace intro2llm {
 namespace {
 
-// One fp32 row: y = x * r * w; returns r = 1/sqrt(mean(x^2) + eps).
-I2L_CLONES float rms_fwd_row(const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t N,
-                             float eps) {
-  float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t d = 0; d < N; ++d) ss += x[d] * x[d];
-  const float r = 1.f / std::sqrt(ss / static_cast<float>(N) + eps);
-#pragma omp simd
-  for (int64_t d = 0; d < N; ++d) y[d] = x[d] * r * w[d];
-  return r;
-}
-
 // One fp32 row of the backward: dx = r (g w) - x r^3 mean(g w x);  dw += g x r.
 I2L_CLONES void rms_bwd_row(const float* __restrict g, const float* __restrict x, const float* __restrict w, float r,
                             float* __restrict dx, float* __restrict dw, int64_t N) {

@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -59,6 +60,19 @@ inline void from_f32(const float* src, scalar_t* dst, int64_t n) {
   } else {
     at::vec::convert(src, dst, n);
   }
+}
+
+// RMSNorm of one fp32 row (csrc/cpu/rms_norm.cpp, and the fused decode step): y = x * r * w, returns
+// r = 1/sqrt(mean(x^2) + eps).
+[[maybe_unused]] I2L_CLONES float rms_fwd_row(const float* __restrict x, const float* __restrict w,
+                                              float* __restrict y, int64_t N, float eps) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t d = 0; d < N; ++d) ss += x[d] * x[d];
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(N) + eps);
+#pragma omp simd
+  for (int64_t d = 0; d < N; ++d) y[d] = x[d] * r * w[d];
+  return r;
 }
 
 }  // namespace
