@@ -4,9 +4,11 @@
 // Why: a decode step of a small model is a chain of ~15 tiny ops per layer. From Python each one pays the
 // interpreter, torch's dispatcher and, for our custom ops, the torch.library autograd wrapper: 10-20 us apiece,
 // more than the arithmetic at batch 1 (tiny preset: ~1.3 ms of a 2.8 ms step). Here the matrix products are
-// at::mm / at::addmm_ on the decode-time weight layout (W stored (in, out), so a row times W streams W's rows),
-// and everything between them (RMSNorm, RoPE, the cache write, attention of the one new query row against the
-// cache, SwiGLU) is a loop over B rows with no allocation.
+// small_gemm calls (below) on the decode-time weight layout (W stored (in, out), so a row times W streams W's
+// rows), and everything between them (RMSNorm, RoPE, the cache write, attention of the one new query row against
+// the cache, SwiGLU) is a plain loop over the B rows.
+// Measured (tiny preset, 1 thread, vs transformers generate() on the same weights, same tokens): batch 1
+// 2.5-2.7x, batch 8 1.8x; the Python step this replaces reached 1.3-1.5x and 1.1x.
 //
 // Per layer, h (B, C) the residual stream:
 //   x = rms_norm(h) · w1;  qkv = x W_qkv (+ b);  q, k = rope(q, k);  cache[pos] = k, v
