@@ -12,9 +12,10 @@
 //   pass 2, one task per (batch, head, query block): dQ += dS K.
 // Extra memory: O(threads · (kBlockQ·kBlockK + kBlockQ·D)) scratch plus the outputs — O(T·D), never O(T²).
 //
-// Matmuls go to the BLAS torch links (sgemm_, weak symbol; MKL in x86 wheels, OpenBLAS elsewhere), which runs
+// Q Kᵀ-shaped products go to the BLAS torch links (sgemm_, weak symbol; MKL in x86 wheels, OpenBLAS elsewhere),
 // single-threaded inside the parallel region; at::addmm_out on tile views is the fallback when no sgemm_ is
-// exported (or when env INTRO2LLM_NO_SGEMM=1, which tests that path).
+// exported (or when env INTRO2LLM_NO_SGEMM=1, which tests that path). P·V and dS·K use pv_accumulate below, a
+// register kernel that reads V (K) rows in place: BLAS re-packed them for every query block.
 // The per-row softmax loops are compiled for AVX-512/AVX2/baseline with target_clones (no -march flag needed)
 // and use a polynomial exp that vectorizes (Cephes expf, rel. error ~1e-7).
 // fp16/bf16 inputs are widened to fp32 copies once (O(T·D)); accumulation is fp32 throughout. The forward reads
@@ -50,9 +51,9 @@ namespace {
 
 // Tile sizes, measured single-threaded on an AMD EPYC (MKL sgemm) at B=1, H=8, T=4096, D=64 fp32: bigger query
 // blocks amortize BLAS packing, smaller ones waste less on the mask's diagonal and window edges. With 32/1024:
-// causal forward 1.0x the time of torch SDPA, window 512 3.9x faster than full causal; 16 and 64 were slower
-// on one or the other. Backward tiles of 32 query rows over their exact key sub-range: B=8 H=8 Hkv=4 T=128 D=32
-// (the tiny preset's training shape) fwd+bwd 4.4 ms vs SDPA 5.9 ms; T=2048 D=64 causal 212 vs 196 ms.
+// causal forward 1.39x torch SDPA's speed (with pv_accumulate; 1.0x with BLAS for P·V too), window 512 3.8-3.9x
+// faster than full causal; 16 and 64 were slower on one or the other. Backward tiles of 32 query rows over their exact key sub-range: B=8 H=8 Hkv=4 T=128 D=32
+// (the tiny preset's training shape) fwd+bwd 4.3 ms vs SDPA 6.3 ms; T=2048 D=64 causal 190 vs 203 ms.
 constexpr int64_t kBlockQ = 32;       // query rows per forward task
 constexpr int64_t kKeyAlign = 16;     // forward key ranges start at a multiple of this
 constexpr int64_t kBlockK = 1024;     // keys per streamed chunk (forward), split evenly over the visible range
@@ -82,14 +83,6 @@ void gemm_nt(int64_t m, int64_t n, int64_t k, float alpha, const float* A, int64
   if (kUseBlas) return blas('T', 'N', n, m, k, alpha, B, ldb, A, lda, beta, C, ldc);
   auto c = view(C, m, n, ldc);
   at::addmm_out(c, c, view(A, m, k, lda), view(B, n, k, ldb).t(), beta, alpha);
-}
-
-// C (m×n) = alpha · A (m×k) · B (k×n) + beta · C
-void gemm_nn(int64_t m, int64_t n, int64_t k, float alpha, const float* A, int64_t lda, const float* B, int64_t ldb,
-             float beta, float* C, int64_t ldc) {
-  if (kUseBlas) return blas('N', 'N', n, m, k, alpha, B, ldb, A, lda, beta, C, ldc);
-  auto c = view(C, m, n, ldc);
-  at::addmm_out(c, c, view(A, m, k, lda), view(B, k, n, ldb), beta, alpha);
 }
 
 // C (m×n) = alpha · A (k×m)ᵀ · B (k×n) + beta · C
@@ -215,6 +208,51 @@ void parallel_tasks(int64_t n, const Fn& fn) {
   });
 }
 
+// ---- forward P·V micro-kernel ------------------------------------------------------------------------------------
+// O += P V for a query block is (32 × ≤1024) · (≤1024 × D): MKL packs P and the V chunk on every call, and at these
+// sizes that cost as much as the multiply-adds. This kernel reads V's rows in place (16·NV floats of a row per
+// step) and keeps a 4-row × 16·NV-column slab of O in registers. T=4096 D=64 causal forward, 1 thread: 197 -> 142 ms.
+// (The same for S = Q Kᵀ needs Kᵀ; a transpose per call plus a register kernel measured slower than BLAS there.)
+typedef float v16 __attribute__((vector_size(64)));
+
+// O (rows R, NV·16 columns at o) += P (R × n, row stride ldp) · V (n × ·, row stride ldv), for one 16·NV-wide
+// column slab starting at column c0.
+template <int R, int NV>
+I2L_CLONES void pv_tile(const float* __restrict P, int64_t ldp, const float* __restrict V, int64_t ldv, int64_t n,
+                        float* __restrict O, int64_t ldo, int64_t c0) {
+  v16 acc[R][NV];
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < NV; ++c) std::memcpy(&acc[i][c], O + i * ldo + c0 + 16 * c, sizeof(v16));
+  for (int64_t j = 0; j < n; ++j) {
+    v16 vv[NV];
+    for (int c = 0; c < NV; ++c) std::memcpy(&vv[c], V + j * ldv + c0 + 16 * c, sizeof(v16));
+    for (int i = 0; i < R; ++i) {
+      const float pij = P[i * ldp + j];
+      for (int c = 0; c < NV; ++c) acc[i][c] += pij * vv[c];
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < NV; ++c) std::memcpy(O + i * ldo + c0 + 16 * c, &acc[i][c], sizeof(v16));
+}
+
+// O (M × D) += P (M × n) V (n × D): D a multiple of 16 (16, 32, 64, 128).
+template <int NV>
+void pv_rows(const float* P, int64_t ldp, const float* V, int64_t ldv, int64_t n, float* O, int64_t ldo, int64_t M,
+             int64_t D) {
+  for (int64_t c0 = 0; c0 < D; c0 += 16 * NV) {
+    int64_t r = 0;
+    for (; r + 4 <= M; r += 4) pv_tile<4, NV>(P + r * ldp, ldp, V, ldv, n, O + r * ldo, ldo, c0);
+    for (; r < M; ++r) pv_tile<1, NV>(P + r * ldp, ldp, V, ldv, n, O + r * ldo, ldo, c0);
+  }
+}
+
+void pv_accumulate(const float* P, int64_t ldp, const float* V, int64_t ldv, int64_t n, float* O, int64_t ldo,
+                   int64_t M, int64_t D) {
+  if (D % 64 == 0) return pv_rows<4>(P, ldp, V, ldv, n, O, ldo, M, D);
+  if (D % 32 == 0) return pv_rows<2>(P, ldp, V, ldv, n, O, ldo, M, D);
+  return pv_rows<1>(P, ldp, V, ldv, n, O, ldo, M, D);
+}
+
 // ---- forward ----------------------------------------------------------------------------------------------------
 // Element strides of a (B, H, T, D) operand whose rows (last dim) are contiguous: the forward reads q/k/v in
 // place, so transposed projections and KV-cache prefix views need no copy (BLAS takes the row stride as ld).
@@ -267,7 +305,7 @@ void fwd_impl(const float* q, const float* k, const float* v, Strides qs, Stride
     const int64_t chunk = nchunks > 0 ? (kend - kstart + nchunks - 1) / nchunks : kBlockK;
     for (int64_t k0 = kstart; k0 < kend; k0 += chunk) {
       const int64_t nk = std::min(chunk, kend - k0);
-      gemm_nt(M, nk, D, 1.f, qp, ldq, kp + k0 * ks.t, ks.t, 0.f, S, nk);  // S = Q Kᵀ  (M, nk)
+      gemm_nt(M, nk, D, 1.f, qp, ldq, kp + k0 * ks.t, ks.t, 0.f, S, nk);  // S = Q Kᵀ  (M, nk) (BLAS)
       for (int64_t r = 0; r < M; ++r) {
         const int64_t i = q0 + r % nq;
         const int64_t a = std::clamp<int64_t>(mk.lo(i) - k0, 0, nk);
@@ -279,7 +317,7 @@ void fwd_impl(const float* q, const float* k, const float* v, Strides qs, Stride
         }
         softmax_chunk_row(srow, nk, a, e, keep ? keep + k0 : nullptr, scale, m + r, l + r, O + r * D, D);
       }
-      gemm_nn(M, D, nk, 1.f, S, nk, vp + k0 * vs.t, vs.t, 1.f, O, D);  // O += P V  (M, D)
+      pv_accumulate(S, nk, vp + k0 * vs.t, vs.t, nk, O, D, M, D);  // O += P V  (M, D) (own kernel)
     }
     for (int64_t r = 0; r < M; ++r) {
       const int64_t bh = b * H + hk * G + r / nq, i = q0 + r % nq;
@@ -349,7 +387,10 @@ void bwd_impl(const float* dout, const float* q, const float* k, const float* v,
         gemm_nt(nq, n, D, 1.f, dop, D, vt, D, 0.f, dP, n);          // dP = dO Vᵀ  (nq, n)
         for (int64_t r = 0; r < nq; ++r) dscores_row(P + r * n, dP + r * n, n, delta[bh * Tq + q0 + r], scale);
         gemm_tn(n, D, nq, 1.f, dP, n, qp, D, 1.f, dK + ka * D, D);  // dK += dSᵀ Q  (n, D)
-        if (one_key_block) gemm_nn(nq, D, n, 1.f, dP, n, kt, D, 0.f, dqp, D);  // dQ = dS K (all its keys)
+        if (one_key_block) {  // dQ = dS K (all its keys)
+          std::fill(dqp, dqp + nq * D, 0.f);
+          pv_accumulate(dP, n, kt, D, n, dqp, D, nq, D);
+        }
       }
     }
     std::copy(dK, dK + nk * D, dk + (bhk * Tk + k0) * D);
@@ -384,7 +425,7 @@ void bwd_impl(const float* dout, const float* q, const float* k, const float* v,
       }
       gemm_nt(nq, nk, D, 1.f, dop, D, vp + k0 * D, D, 0.f, dP, nk);
       for (int64_t r = 0; r < nq; ++r) dscores_row(P + r * nk, dP + r * nk, nk, delta[bh * Tq + q0 + r], scale);
-      gemm_nn(nq, D, nk, 1.f, dP, nk, kp + k0 * D, D, 1.f, dqp, D);  // dQ += dS K  (nq, D)
+      pv_accumulate(dP, nk, kp + k0 * D, D, nk, dqp, D, nq, D);  // dQ += dS K  (nq, D)
     }
   });
 }
