@@ -54,7 +54,7 @@ def build(impl: str, batch: int = BATCH, seq: int = SEQ, seed: int = 0, precisio
         from intro2llm.optimizer.adamw import fused_unavailable
 
         # fused (one C++ pass over p, g, m, v) where it applies, as build_optimizer sets it up for the trainer
-        model, opt = ours, AdamW(ours.parameters(), lr=1e-4, fused=fused_unavailable(ours.parameters()) is None or None)
+        model, opt = ours, AdamW(ours.parameters(), lr=1e-4, fused=fused_unavailable(ours.parameters()) is None)
 
         def loss_fn():
             if precision == "fp32":

@@ -12,7 +12,7 @@
 
 #include "simd.h"
 
-#include <cmath>
+#include <algorithm>
 #include <vector>
 
 namespace intro2llm {

@@ -38,17 +38,6 @@ constexpr int kPerLayer = 10;  // entries of `layers` per layer (see csrc/ops.cp
 #pragma GCC optimize("no-trapping-math")
 #endif
 
-// In-place split-half rotation of one head row of D: (x1, x2) -> (x1 c1 - x2 s1, x2 c2 + x1 s2)
-I2L_CLONES void rope_inplace(float* __restrict x, const float* __restrict c, const float* __restrict s, int64_t D) {
-  const int64_t h = D / 2;
-#pragma omp simd
-  for (int64_t j = 0; j < h; ++j) {
-    const float x1 = x[j], x2 = x[h + j];
-    x[j] = x1 * c[j] - x2 * s[j];
-    x[h + j] = x2 * c[h + j] + x1 * s[h + j];
-  }
-}
-
 // out[f] = silu(gu[f]) · gu[F + f]
 I2L_CLONES void silu_mul_row(const float* __restrict gu, float* __restrict out, int64_t F) {
 #pragma omp simd
@@ -302,7 +291,9 @@ at::Tensor decode_step_cpu(const at::Tensor& h_in, c10::List<c10::optional<at::T
       float* row = qkvp + b * NQKV;
       const float* c = cp + b * table_stride;
       const float* s = sp + b * table_stride;
-      for (int64_t hh = 0; hh < H + Hkv; ++hh) rope_inplace(row + hh * D, c, s, D);  // q heads, then k heads
+      for (int64_t hh = 0; hh < H + Hkv; ++hh) {  // q heads, then k heads, rotated in place
+        rope_rows<false>(row + hh * D, D, c, s, row + hh * D, 1, D);
+      }
       for (int64_t hk = 0; hk < Hkv; ++hk) {
         const int64_t off = ((l * B + b) * Hkv + hk) * cache_bh + pos * D;
         std::copy(row + QS + hk * D, row + QS + (hk + 1) * D, kc + off);

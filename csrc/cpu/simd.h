@@ -75,6 +75,31 @@ inline void from_f32(const float* src, scalar_t* dst, int64_t n) {
   return r;
 }
 
+// RoPE (split-half) of one row of h pairs: out = rotate(x) with table rows c, s (fp32, D = 2h values each); BWD:
+// the transposed rotation. out may be x itself (each pair is read before it is written). Used by rope.cpp and
+// the fused decode step.
+template <bool BWD>
+I2L_INLINE void rope_row(const float* x, const float* __restrict c, const float* __restrict s, float* out, int64_t h) {
+#pragma omp simd
+  for (int64_t j = 0; j < h; ++j) {
+    const float x1 = x[j], x2 = x[h + j];
+    if constexpr (BWD) {
+      out[j] = x1 * c[j] + x2 * s[h + j];
+      out[h + j] = x2 * c[h + j] - x1 * s[j];
+    } else {
+      out[j] = x1 * c[j] - x2 * s[j];
+      out[h + j] = x2 * c[h + j] + x1 * s[h + j];
+    }
+  }
+}
+
+// `n` consecutive positions of one (batch, head): input rows `x_stride` apart, output and table rows contiguous.
+template <bool BWD>
+I2L_CLONES void rope_rows(const float* x, int64_t x_stride, const float* c, const float* s, float* out, int64_t n,
+                          int64_t D) {
+  for (int64_t t = 0; t < n; ++t) rope_row<BWD>(x + t * x_stride, c + t * D, s + t * D, out + t * D, D / 2);
+}
+
 }  // namespace
 
 // GCC if-converts the clamps below into vector min/max only when FP compares may not trap (torch itself builds

@@ -154,20 +154,24 @@ def _adamw_loop(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, *, lr, bet
         p.addcdiv_(m, denom, value=-step_size)
 
 
+def _advance_steps(steps: list[torch.Tensor], lr: float, beta1: float, beta2: float) -> tuple[list, list]:
+    """t += 1 for every tensor; returns the per-tensor -lr / (1 - beta1^t) and sqrt(1 - beta2^t)."""
+    torch._foreach_add_(steps, 1.0)
+    ts = [s.item() for s in steps]
+    return [-(lr / (1 - beta1**t)) for t in ts], [(1 - beta2**t) ** 0.5 for t in ts]
+
+
 def _adamw_foreach(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
                    amsgrad, maximize) -> None:
     """The same update with ``torch._foreach_*``: each line runs over the whole list of tensors at once."""
     if maximize:
         grads = torch._foreach_neg(grads)
-    torch._foreach_add_(steps, 1.0)
+    step_sizes, bc2_sqrts = _advance_steps(steps, lr, beta1, beta2)
     if weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-    ts = [s.item() for s in steps]
-    step_sizes = [-(lr / (1 - beta1**t)) for t in ts]
-    bc2_sqrts = [(1 - beta2**t) ** 0.5 for t in ts]
     if amsgrad:
         torch._foreach_maximum_(max_sqs, exp_avg_sqs)
         denom = torch._foreach_sqrt(max_sqs)
@@ -195,9 +199,6 @@ def fused_unavailable(params: Iterable[torch.Tensor], grads: Iterable[torch.Tens
 def _adamw_fused(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
                  amsgrad, maximize) -> None:
     """The same update in one C++ pass per tensor (``intro2llm::adamw_step_``); amsgrad is never fused."""
-    torch._foreach_add_(steps, 1.0)
-    ts = [s.item() for s in steps]
-    step_sizes = [-(lr / (1 - beta1**t)) for t in ts]
-    bc2_sqrts = [(1 - beta2**t) ** 0.5 for t in ts]
+    step_sizes, bc2_sqrts = _advance_steps(steps, lr, beta1, beta2)
     torch.ops.intro2llm.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, step_sizes, bc2_sqrts, lr, beta1, beta2, eps,
                                     weight_decay, maximize)

@@ -62,7 +62,7 @@ def build_optimizer(
         from intro2llm.optimizer.adamw import AdamW, fused_unavailable
 
         fused = fused_unavailable(model.parameters()) is None  # one C++ pass per step where it applies
-        return AdamW(groups, lr=lr, betas=betas or (0.9, 0.95), eps=eps, fused=fused or None)
+        return AdamW(groups, lr=lr, betas=betas or (0.9, 0.95), eps=eps, fused=fused)
     if name == "lion":
         from intro2llm.optimizer.lion import Lion
 
