@@ -342,8 +342,8 @@ void bwd_impl(const float* dout, const float* q, const float* k, const float* v,
 
   // pass 1: dK, dV per (b, kv head, key block), summed over the group's query heads and all query blocks.
   // With a single key block (Tk <= kBwdBlockK: short training sequences) a tile's dS already holds every key a
-  // query row sees, so dQ = dS K is final here and pass 2 (which would recompute P and dP) is skipped; the
-  // caller zero-fills dq for the rows no tile visits.
+  // query row sees, so dQ = dS K is final here and pass 2 (which would recompute P and dP) is skipped; dq
+  // then comes zero-filled from the caller and each tile adds its rows' product once.
   const int64_t nkb = (Tk + kBwdBlockK - 1) / kBwdBlockK;
   const bool one_key_block = nkb == 1;
   parallel_tasks(B * Hkv * nkb, [&](int64_t task) {
@@ -371,10 +371,7 @@ void bwd_impl(const float* dout, const float* q, const float* k, const float* v,
         // the keys of this block that some row of the tile sees: [k0 + ka, k0 + ka + n); the rest stay untouched
         const int64_t ka = std::clamp<int64_t>(mk.lo(q0) - k0, 0, nk);
         const int64_t n = std::clamp<int64_t>(mk.hi(q0 + nq - 1) - k0, 0, nk) - ka;
-        if (n <= 0) {
-          if (one_key_block) std::fill(dqp, dqp + nq * D, 0.f);
-          continue;
-        }
+        if (n <= 0) continue;  // one_key_block: these dq rows keep the caller's zeros
         const float* kt = kp + ka * D;
         const float* vt = vp + ka * D;
         gemm_nt(nq, n, D, 1.f, qp, D, kt, D, 0.f, P, n);  // S = Q Kᵀ  (nq, n)
@@ -387,10 +384,7 @@ void bwd_impl(const float* dout, const float* q, const float* k, const float* v,
         gemm_nt(nq, n, D, 1.f, dop, D, vt, D, 0.f, dP, n);          // dP = dO Vᵀ  (nq, n)
         for (int64_t r = 0; r < nq; ++r) dscores_row(P + r * n, dP + r * n, n, delta[bh * Tq + q0 + r], scale);
         gemm_tn(n, D, nq, 1.f, dP, n, qp, D, 1.f, dK + ka * D, D);  // dK += dSᵀ Q  (n, D)
-        if (one_key_block) {  // dQ = dS K (all its keys)
-          std::fill(dqp, dqp + nq * D, 0.f);
-          pv_accumulate(dP, n, kt, D, n, dqp, D, nq, D);
-        }
+        if (one_key_block) pv_accumulate(dP, n, kt, D, n, dqp, D, nq, D);  // dQ = dS K onto the caller's zeros
       }
     }
     std::copy(dK, dK + nk * D, dk + (bhk * Tk + k0) * D);
