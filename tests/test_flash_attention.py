@@ -198,6 +198,44 @@ def test_opcheck_compiled():
     torch.library.opcheck(torch.ops.intro2llm.flash_attention_bwd.default, bwd_args)
 
 
+# The C++ forward packs up to 32 query rows (across the query heads of a kv group) into vector lanes, and takes
+# thin blocks (<= 8 rows: decoding) through a row path. These shapes cross its seams: more than 32 heads per kv head
+# (several tasks per group), 3 heads per group (rows of two heads in one 16-lane slab), one-slab blocks (9-16 rows),
+# a thin tail block next to full ones, a window narrower than a slab, key padding, and keys past a block's last
+# 8-key group.
+CPP_LANE_CASES = [  # (B, H, Hkv, Tq, Tk, D, causal, window)
+    (1, 40, 1, 20, 20, 16, True, None),
+    (2, 6, 2, 100, 100, 32, True, 17),
+    (1, 12, 1, 1, 70, 64, True, None),
+    (1, 8, 1, 2, 45, 32, True, 5),
+    (1, 2, 2, 33, 33, 64, True, 3),
+    (1, 3, 1, 70, 300, 128, True, 40),
+    (2, 4, 4, 77, 77, 16, False, 30),
+]
+
+
+@pytest.mark.skipif(extension_error() is not None, reason=f"cpp backend: {extension_error()}")
+@pytest.mark.parametrize("case", CPP_LANE_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("padded", [False, True], ids=["", "kpm"])
+def test_cpp_forward_block_layouts(case, padded):
+    B, H, Hkv, Tq, Tk, D, causal, window = case
+    q, k, v, _ = _inputs(B, H, Hkv, Tq, Tk, D, seed=3)
+    kpm = None
+    if padded:
+        kpm = torch.rand(B, Tk, generator=torch.Generator().manual_seed(4)) > 0.3
+        kpm[:, -1] = True  # the last key stays visible: every causal row sees something
+    got = ops.flash_attention(q, k, v, causal, window, key_padding_mask=kpm, backend="cpp")
+    want = ops.flash_attention_reference(
+        q.double(), k.double(), v.double(), causal, window, key_padding_mask=kpm
+    )  # fmt: skip
+    torch.testing.assert_close(got.double(), want, atol=3e-5, rtol=3e-5)
+    _, lse = torch.ops.intro2llm.flash_attention_fwd(q, k, v, causal, window or -1, D**-0.5, kpm)
+    mask = attention_mask(Tq, Tk, causal, window, kpm)  # True = visible, (B or 1, 1, Tq, Tk)
+    s = (q.double() @ k.double().repeat_interleave(H // Hkv, 1).transpose(-1, -2)) * D**-0.5
+    want_lse = s.masked_fill(~mask, float("-inf")).logsumexp(-1)
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.skipif("triton" not in FAST, reason="triton backend unavailable on this machine")
 def test_opcheck_triton():
     q, k, v, _ = _inputs(1, 2, 1, 9, 13, 16)
