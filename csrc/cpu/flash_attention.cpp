@@ -454,10 +454,12 @@ void pv_lanes(const float* Pt, const float* V, int64_t ldv, int64_t n, int64_t k
   }
 }
 
-// The block's unnormalized output O (M × D), running max m and sum l, with Qt = Qᵀ·scale (D × kLanes, lanes ≥ M 0).
+// One block on the lane path, Qt = Qᵀ·scale (D × kLanes, lanes ≥ M zero): writes row r's output to dst[r] and
+// leaves its running max and sum in m[r], l[r] (for the lse). O (M × D) is scratch for the unnormalized output.
+// pf_rows: n_pf rows of D floats to prefetch along the way (the next block's), a few lines per key group.
 void fwd_lanes(const Block& blk, const float* Qt, int64_t D, float* St, float* O, float* m, float* l,
                float* const* dst, const float* const* pf_rows, int64_t n_pf) {
-  int64_t pf_next = 0;  // next line of pf_rows (n_pf rows of D floats) to prefetch, spread over the key groups
+  int64_t pf_next = 0;  // next line of pf_rows to prefetch
   const int64_t pf_lines = n_pf * (D / 16);
   const int64_t pf_rate = pf_lines / std::max<int64_t>(1, (blk.kend - blk.kstart) / kKeyGroup) + 1;
   auto prefetch_some = [&](int64_t count) {
@@ -468,7 +470,8 @@ void fwd_lanes(const Block& blk, const float* Qt, int64_t D, float* St, float* O
   alignas(64) int32_t lo[kLanes], hi[kLanes];
   alignas(64) float alpha[kLanes], inv[kLanes];
   bool written[kLanes] = {};
-  // keys some row of slab s sees: within [slab_lo, slab_hi) (empty: 0, 0); keys every row sees: [all_lo, all_hi)
+  // keys some row of slab s sees lie in [slab_lo, slab_hi) (none: an empty range); keys every row sees:
+  // [all_lo, all_hi). Rows past M, or that see nothing, get lo = hi = 0.
   int64_t slab_lo[kSlabs], slab_hi[kSlabs], all_lo = 0, all_hi = std::numeric_limits<int64_t>::max();
   for (int s = 0; s < kSlabs; ++s) slab_lo[s] = std::numeric_limits<int64_t>::max(), slab_hi[s] = 0;
   for (int c = 0; c < kLanes; ++c) {
@@ -477,7 +480,9 @@ void fwd_lanes(const Block& blk, const float* Qt, int64_t D, float* St, float* O
     hi[c] = row ? static_cast<int32_t>(blk.hi[c]) : 0;
     all_lo = std::max<int64_t>(all_lo, lo[c]);
     all_hi = std::min<int64_t>(all_hi, hi[c]);
-    if (row) slab_lo[c / 16] = std::min(slab_lo[c / 16], blk.lo[c]), slab_hi[c / 16] = std::max(slab_hi[c / 16], blk.hi[c]);
+    if (!row) continue;
+    slab_lo[c / 16] = std::min(slab_lo[c / 16], blk.lo[c]);
+    slab_hi[c / 16] = std::max(slab_hi[c / 16], blk.hi[c]);
   }
   std::fill(O, O + blk.M * D, 0.f);
   std::fill(m, m + kLanes, kNegInf);
