@@ -341,7 +341,10 @@ I2L_CLONES void transpose_rows(const float* const* rows, int64_t D, float scale,
   }
 }
 
-// dst[0, n) = a · src[0, n) (dst may be src)
+// 1 / l for a row's softmax sum, 0 for a row that saw no key (its output is 0)
+inline float inv_sum(float l) { return l > 0.f ? 1.f / l : 0.f; }
+
+// dst[0, n) = a · src[0, n)
 I2L_CLONES void scale_copy(const float* src, float* dst, int64_t n, float a) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * a;
@@ -513,7 +516,7 @@ void fwd_lanes(const Block& blk, const float* Qt, int64_t D, float* St, float* O
     const float* vp = blk.v + k0 * blk.ldv;
     const bool last = k0 + chunk >= blk.kend;
     if (last) {
-      for (int64_t r = 0; r < blk.M; ++r) inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
+      for (int64_t r = 0; r < blk.M; ++r) inv[r] = inv_sum(l[r]);
     }
     float* const* d = last ? dst : nullptr;
     if (D % 64 == 0) pv_lanes<4>(St, vp, blk.ldv, n, k0, blk, alpha, O, D, d, inv, written);
@@ -522,7 +525,7 @@ void fwd_lanes(const Block& blk, const float* Qt, int64_t D, float* St, float* O
   }
   prefetch_some(pf_lines);
   for (int64_t r = 0; r < blk.M; ++r) {  // rows the last chunk did not reach (or no chunk at all)
-    if (!written[r]) scale_copy(O + r * D, dst[r], D, l[r] > 0.f ? 1.f / l[r] : 0.f);
+    if (!written[r]) scale_copy(O + r * D, dst[r], D, inv_sum(l[r]));
   }
 }
 
@@ -569,7 +572,7 @@ void fwd_impl(const float* q, const float* k, const float* v, Strides qs, Stride
   const int64_t threads = at::get_num_threads(), streams = B * Hkv * nhc, ntasks = streams * nqb;
   const bool costliest_first = mk.causal && mk.window <= 0 && streams < 4 * threads;
   const int64_t grain = mk.window > 0 ? std::max<int64_t>(1, ntasks / (4 * threads)) : 1;
-  parallel_tasks(streams * nqb, [&](int64_t task) {
+  parallel_tasks(ntasks, [&](int64_t task) {
     thread_local std::vector<float> s_buf, o_buf, q_buf;
     alignas(64) float m[kLanes], l[kLanes];
     const int64_t qb = costliest_first ? nqb - 1 - task % nqb : task % nqb, rest = task / nqb;
@@ -642,7 +645,7 @@ void fwd_impl(const float* q, const float* k, const float* v, Strides qs, Stride
         ldq = D;
       }
       fwd_rows(blk, qp, ldq, D, scale, s_buf.data(), O, m, l);
-      for (int64_t r = 0; r < blk.M; ++r) scale_copy(O + r * D, orow[r], D, l[r] > 0.f ? 1.f / l[r] : 0.f);
+      for (int64_t r = 0; r < blk.M; ++r) scale_copy(O + r * D, orow[r], D, inv_sum(l[r]));
     }
     for (int64_t r = 0; r < blk.M; ++r) *lrow[r] = l[r] > 0.f ? m[r] + std::log(l[r]) : kNegInf;
   }, grain);

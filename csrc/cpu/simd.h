@@ -108,21 +108,29 @@ I2L_CLONES void rope_rows(const float* x, int64_t x_stride, const float* c, cons
 #pragma GCC push_options
 #pragma GCC optimize("no-trapping-math")
 #endif
-// exp(x) for x ≤ ~88 (Cephes expf): x = n·ln2 + r, |r| ≤ ln2/2, exp(r) by a degree-6 polynomial, 2^n by bits.
-// Branch-free so the loops that call it vectorize; exp(-inf) and anything below -87 give 0.
-inline float exp_poly(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // ternaries, not std::min/max: they vectorize to min/max
-  // n = round(x / ln2); floor via truncation of a positive number (x/ln2 >= -126), which vectorizes
-  const int32_t ni = static_cast<int32_t>(x * 1.44269504088896341f + 128.5f) - 128;
-  const float n = static_cast<float>(ni);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+// Cephes expf's core: with n = round(x / ln2), exp(x) / 2^n = exp(r) for r = x − n·ln2 (Cody-Waite: ln2 split in
+// two, so the reduction is exact), |r| ≤ ln2/2, by a degree-6 polynomial. T is float or a GCC float vector
+// (swiglu.cpp's vexp); the caller clamps x and multiplies by 2^n.
+template <typename T>
+I2L_INLINE T exp_reduced(T x, T n) {
+  const T r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  T p = T{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
+  return p * r * r + r + 1.0f;
+}
+
+// exp(x) for x ≤ ~88 (Cephes expf, rel. error ~1e-7): exp_reduced times 2^n built in the exponent bits.
+// Branch-free so the loops that call it vectorize. x is clamped to [-87, 88]: exp(-inf) and anything below -87
+// give exp(-87) ≈ 1.6e-38, not 0 (callers that need an exact 0 for a masked entry select it themselves).
+inline float exp_poly(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // ternaries, not std::min/max: they vectorize to min/max
+  // n = round(x / ln2); floor via truncation of a positive number (x/ln2 >= -126), which vectorizes
+  const int32_t ni = static_cast<int32_t>(x * 1.44269504088896341f + 128.5f) - 128;
+  const float y = exp_reduced(x, static_cast<float>(ni));
   const int32_t bits = (ni + 127) << 23;
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(float));

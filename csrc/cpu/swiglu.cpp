@@ -73,16 +73,7 @@ I2L_INLINE vf vexp(vf x) {
   x = x > splat(88.0f) ? splat(88.0f) : x;
   // n = round(x / ln2), by truncating a positive number (t + 128.5 > 0 for x >= -87)
   const vi n = __builtin_convertvector(x * 1.44269504088896341f + 128.5f, vi) - 128;
-  const vf nf = __builtin_convertvector(n, vf);
-  vf r = x - nf * 0.693359375f;  // Cody-Waite: ln2 split in two for an exact reduction
-  r = r + nf * 2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const vf y = p * r * r + r + 1.0f;
+  const vf y = exp_reduced(x, __builtin_convertvector(n, vf));  // simd.h
   return y * (vf)((n + 127) << 23);  // times 2^n, built in the exponent bits
 }
 
