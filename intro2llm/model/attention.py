@@ -88,6 +88,7 @@ class GroupedQueryAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # cos, sin: (T, D) or (B, T, D)
         kv_cache: KVCache | None = None,
         key_padding_mask: torch.Tensor | None = None,  # (B, Tk) bool, True = real token
+        segment_ids: torch.Tensor | None = None,  # (B, T) int: packed samples attend only within their segment
     ) -> torch.Tensor:  # (B, T, C)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -98,7 +99,8 @@ class GroupedQueryAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, T_past + T, D)
         out = ops.flash_attention(
-            q, k, v, causal=True, window=self.config.sliding_window, key_padding_mask=key_padding_mask
+            q, k, v, causal=True, window=self.config.sliding_window, key_padding_mask=key_padding_mask,
+            segment_ids=segment_ids,
         )  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H·D)
         return self.dropout(self.o_proj(out))

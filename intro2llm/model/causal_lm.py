@@ -110,6 +110,16 @@ def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_p
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
 
 
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) segment ids -> (B, T) positions that restart at 0 wherever the segment id changes."""
+    B, T = segment_ids.shape
+    idx = torch.arange(T, device=segment_ids.device).expand(B, T)
+    start = torch.ones_like(segment_ids, dtype=torch.bool)
+    start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=-1).values  # start index of each segment
+    return idx - first
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,12 +180,15 @@ class CausalLM(nn.Module):
         use_cache: bool = False,
         return_logits: bool = True,
         num_logits_to_keep: int = 0,
+        segment_ids: torch.Tensor | None = None,  # (B, T) int: packed samples, attention stays within a segment
     ) -> CausalLMOutput:
         """Logits (B, T, V), and the next-token loss when ``labels`` are given (mean over non-ignored tokens).
 
         ``use_cache=True`` without a ``kv_cache`` starts a ``DynamicKVCache`` (returned in the output).
         ``return_logits=False`` with labels computes the loss with the fused linear + cross-entropy op and
         returns ``logits=None``. ``num_logits_to_keep=n`` computes logits for the last n positions only.
+        ``segment_ids`` (packed rows, no cache): token i attends to token j only if their segment ids are equal,
+        and positions restart at 0 at each segment start unless ``position_ids`` are given.
         """
         check_token_ids(input_ids, self.config.vocab_size)
         if input_ids.dim() != 2:
@@ -193,6 +206,12 @@ class CausalLM(nn.Module):
                     f"got {tuple(attention_mask.shape)}"
                 )
             attention_mask = attention_mask.to(torch.bool)
+        if segment_ids is not None:
+            if kv_cache is not None or tuple(segment_ids.shape) != (B, T):
+                raise ValueError(f"segment_ids must have the shape of input_ids {(B, T)} and no kv_cache, got "
+                                 f"{tuple(segment_ids.shape)}")
+            if position_ids is None:
+                position_ids = segment_positions(segment_ids)
         if position_ids is None:
             if past + T > self.config.max_position_embeddings:
                 raise ValueError(
@@ -210,7 +229,8 @@ class CausalLM(nn.Module):
         if attention_mask is not None and not bool(attention_mask.all()):
             key_padding_mask = attention_mask
 
-        h = self._backbone(input_ids, position_ids, kv_cache, key_padding_mask, check=True)  # (B, T, C)
+        h = self._backbone(input_ids, position_ids, kv_cache, key_padding_mask, check=True,
+                           segment_ids=segment_ids)  # (B, T, C)
 
         loss = logits = None
         if labels is not None:
@@ -225,7 +245,8 @@ class CausalLM(nn.Module):
         return CausalLMOutput(logits=logits, loss=loss, kv_cache=kv_cache, hidden_states=h)
 
     def _backbone(self, input_ids: torch.Tensor, position_ids: torch.Tensor, kv_cache: KVCache | None,
-                  key_padding_mask: torch.Tensor | None, check: bool = False) -> torch.Tensor:
+                  key_padding_mask: torch.Tensor | None, check: bool = False,
+                  segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings → blocks → final norm, (B, T) → (B, T, C); ids already validated (``check``: positions)."""
         h = self.embed_tokens(input_ids, check=False)  # (B, T, C)
         rope = None
@@ -235,7 +256,8 @@ class CausalLM(nn.Module):
             h = self.pos_encoding(h, position_ids)
         h = self.dropout(h)
         for layer in self.layers:
-            h = layer(h, rope, kv_cache, key_padding_mask)
+            h = layer(h, rope, kv_cache, key_padding_mask, segment_ids) if segment_ids is not None \
+                else layer(h, rope, kv_cache, key_padding_mask)
         if kv_cache is not None:
             kv_cache.advance(input_ids.shape[1])
         return self.norm(h)

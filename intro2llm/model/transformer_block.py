@@ -45,9 +45,10 @@ class TransformerBlock(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         kv_cache: KVCache | None = None,
         key_padding_mask: torch.Tensor | None = None,  # (B, Tk) bool
+        segment_ids: torch.Tensor | None = None,  # (B, T) int, packed sequences
     ) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, key_padding_mask)
+            x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, key_padding_mask, segment_ids)
             return x + self.mlp(self.post_attention_layernorm(x))
-        x = self.input_layernorm(x + self.self_attn(x, rope, kv_cache, key_padding_mask))
+        x = self.input_layernorm(x + self.self_attn(x, rope, kv_cache, key_padding_mask, segment_ids))
         return self.post_attention_layernorm(x + self.mlp(x))

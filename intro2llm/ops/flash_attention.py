@@ -15,6 +15,10 @@ Semantics (every backend):
 - ``key_padding_mask`` (B, Tk) bool, True = a real key, False = padding (left-padded batches). A query row
   with no visible key (e.g. a padding query under a causal mask) outputs zeros and gets zero gradients, where
   a naive softmax would produce NaN.
+- ``segment_ids`` (B, T) int, Tq == Tk (packed sequences, e.g. SFT packing): query i sees key j only when
+  ``segment_ids[b, i] == segment_ids[b, j]`` — a block-diagonal mask, so packed samples never attend to each
+  other. Only the reference implements it (auto dispatch takes the reference when segment ids are given; an
+  explicit fast backend raises).
 - ``scale`` defaults to ``1/sqrt(D)``.
 
 Backends: ``reference`` (the naive formula in fp32, any head dim, also fp64), ``cpp`` (csrc/cpu/flash_attention.cpp),
@@ -48,8 +52,10 @@ def attention_mask(
     window: int | None = None,
     key_padding_mask: torch.Tensor | None = None,
     device: torch.device | str | None = None,
+    segment_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Boolean keep-mask (Tq, Tk), or (B, 1, Tq, Tk) with ``key_padding_mask``: True where query i sees key j."""
+    """Boolean keep-mask (Tq, Tk), or (B, 1, Tq, Tk) with ``key_padding_mask`` or ``segment_ids``: True where
+    query i sees key j."""
     q_pos = torch.arange(Tq, device=device)[:, None] + (Tk - Tq)  # (Tq, 1) bottom-right alignment
     k_pos = torch.arange(Tk, device=device)[None, :]  # (1, Tk)
     keep = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
@@ -61,6 +67,9 @@ def attention_mask(
             keep &= k_pos < q_pos + window
     if key_padding_mask is not None:
         keep = keep[None, None] & key_padding_mask.to(torch.bool)[:, None, None, :]  # (B, 1, Tq, Tk)
+    if segment_ids is not None:
+        same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # (B, 1, T, T)
+        keep = keep & same
     return keep
 
 
@@ -79,6 +88,7 @@ def flash_attention_reference(
     window: int | None = None,
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Naive attention: softmax(Q Kᵀ·scale + mask) V with the (B, H, Tq, Tk) scores materialized, in fp32.
 
@@ -92,7 +102,7 @@ def flash_attention_reference(
     kf = _expand_kv(k, H).to(acc)  # (B, H, Tk, D)
     vf = _expand_kv(v, H).to(acc)  # (B, H, Tk, D)
     s = torch.matmul(q.to(acc), kf.transpose(-1, -2)) * scale  # (B, H, Tq, Tk)  reads Tq·Tk, writes Tq·Tk
-    keep = attention_mask(Tq, Tk, causal, window, key_padding_mask, device=q.device)
+    keep = attention_mask(Tq, Tk, causal, window, key_padding_mask, device=q.device, segment_ids=segment_ids)
     s = s.masked_fill(~keep, float("-inf"))
     # A row with no visible key would be softmax(all -inf) = NaN; give it zeros (and zero gradients).
     empty = ~keep.any(dim=-1, keepdim=True)  # (Tq, 1) or (B, 1, Tq, 1)
@@ -221,6 +231,21 @@ def _validate(q, k, v, causal, window, scale, key_padding_mask) -> None:
             )
 
 
+def _validate_segments(q, k, segment_ids, backend) -> None:
+    B, Tq, Tk = q.shape[0], q.shape[2], k.shape[2]
+    if not isinstance(segment_ids, torch.Tensor) or segment_ids.dtype.is_floating_point or \
+            segment_ids.dtype == torch.bool:
+        got = segment_ids.dtype if isinstance(segment_ids, torch.Tensor) else type(segment_ids).__name__
+        raise TypeError(f"{OP}: segment_ids must be an integer tensor, got {got}")
+    if Tq != Tk or tuple(segment_ids.shape) != (B, Tk):
+        raise ValueError(f"{OP}: segment_ids must have shape (B, T) = ({B}, {Tk}) with Tq == Tk, got "
+                         f"{tuple(segment_ids.shape)} for q {tuple(q.shape)}, k {tuple(k.shape)}")
+    check_same_device(OP, q=q, segment_ids=segment_ids)
+    if backend is not None and backend != "reference":
+        raise ValueError(f"{OP}: segment_ids (packed sequences) is only implemented by the 'reference' backend, "
+                         f"not {backend!r}")
+
+
 def _fast_path_problem(q: torch.Tensor) -> str | None:
     """Why a fast backend cannot take this call (dtype, head dim), or None."""
     if q.dtype not in FLOAT_DTYPES:
@@ -339,10 +364,14 @@ def flash_attention(
     scale: float | None = None,
     *,
     key_padding_mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Attention q (B, H, Tq, D), k/v (B, Hkv, Tk, D) → (B, H, Tq, D) in q's dtype (see the module docstring)."""
     _validate(q, k, v, causal, window, scale, key_padding_mask)
+    if segment_ids is not None:
+        _validate_segments(q, k, segment_ids, backend)
+        return flash_attention_reference(q, k, v, causal, window, scale, key_padding_mask, segment_ids)
     name = _dispatch.resolve_backend(
         OP, q.device, backend, implemented=_implemented(), compiled_op="flash_attention_fwd"
     )
