@@ -15,6 +15,8 @@ _COMMAND_MODULES = (
     "intro2llm.tokenizer.cli",
     "intro2llm.model.cli",
     "intro2llm.training.cli",
+    "intro2llm.training.sft_cli",
+    "intro2llm.training.rl_cli",
     "intro2llm.evaluation.cli",
 )
 
@@ -39,6 +41,54 @@ def _info(args: argparse.Namespace) -> int:
     print("backends:")
     for name, why in backend_status().items():
         print(f"  {name:<10} {'available' if why is None else 'missing: ' + why}")
+    _print_extension()
+    return 0
+
+
+def _print_extension() -> None:
+    """Where ``intro2llm._C`` came from (install-time build, per-user cache, missing) and why."""
+    from intro2llm import _ext
+
+    st = _ext.state()
+    rec = st.record
+    print(f"extension intro2llm._C: {st.origin}")
+    if st.module is None:
+        print(f"  why      {st.error}")
+        print(f"  fix      {st.fix}")
+        return
+    origin = {"package": "built when the package was installed", "cache": "built for this torch in the user cache"}
+    print(f"  from     {origin.get(st.origin, st.origin)}: {st.path}")
+    if rec:
+        print(f"  built    for {_ext.describe(rec)} by {rec.get('built_by', '?')}, sources {rec.get('source_hash')}")
+        csrc = _ext.source_dir()
+        if st.origin == "package" and csrc is not None and rec.get("source_hash") not in (None, _ext.source_hash(csrc)):
+            print(f"  stale    {csrc} changed since this build: rebuild it (or run intro2llm build-ext)")
+    cuda = {True: "yes", False: "no", None: "unknown"}[st.cuda]
+    print(f"  cuda     {cuda}" + (f" ({rec['cuda_note']})" if rec.get("cuda_note") else ""))
+    if st.why:
+        print(f"  why      {st.why}")
+    if rec.get("last_failure"):
+        print(f"  note     the last rebuild failed ({rec['last_failure']}); this is the build before it")
+
+
+def _build_ext(args: argparse.Namespace) -> int:
+    from intro2llm import _ext
+
+    st = _ext.state(build="force")
+    if st.module is None:
+        if st.log:
+            try:
+                lines = open(st.log).read().splitlines()
+                errors = [ln for ln in lines if "error" in ln.lower()] or lines[-30:]
+                print("\n".join(errors[:30]), file=sys.stderr)
+            except OSError:
+                pass
+        print(f"intro2llm build-ext: {st.error}" + (f"; fix: {st.fix}" if st.fix else ""), file=sys.stderr)
+        return 2
+    print(f"intro2llm._C built for torch {st.record.get('torch')} ({st.record.get('flavour')}), "
+          f"CUDA kernels: {'yes' if st.cuda else 'no'}: {st.path}")
+    if st.why:
+        print(st.why)
     return 0
 
 
@@ -47,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = sub.add_parser("info", help="versions and the op backends available on this machine")
     info.set_defaults(func=_info)
+    build_ext = sub.add_parser("build-ext", help="compile intro2llm._C for the running torch into the user cache")
+    build_ext.set_defaults(func=_build_ext)
     for name in _COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
