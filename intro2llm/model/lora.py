@@ -424,7 +424,31 @@ def lora_config_dict(model: nn.Module) -> dict[str, Any] | None:
     """``model.lora_config`` as a JSON-ready dict, or None for a model without adapters."""
     cfg = getattr(model, "lora_config", None)
     if cfg is None:
-        return None
+        layers = lora_layers(model)
+        if not layers:
+            return None
+        first = next(iter(layers.values()))  # adapters added by hand: describe them from the layers
+        cfg = LoRAConfig(r=first.r, alpha=first.alpha, target_modules=tuple(sorted({n.rsplit(".", 1)[-1]
+                                                                                    for n in layers})))
     d = asdict(cfg)
     d["target_modules"] = list(d["target_modules"])
     return d
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training checkpoints (used by intro2llm.training.trainer.Trainer)
+# ---------------------------------------------------------------------------------------------------------------
+def checkpoint_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a training checkpoint stores: only the adapters of a LoRA model (the frozen base is referenced by
+    ``model.lora_config.base_model_name_or_path``), else the whole ``state_dict()``."""
+    if not is_lora_model(model):
+        return model.state_dict()
+    return {n: t.detach() for n, t in lora_state_dict(model).items()}
+
+
+def checkpoint_missing_keys(model: nn.Module, missing: list[str]) -> list[str]:
+    """Of the keys ``load_state_dict(strict=False)`` reported missing, those a checkpoint should have had (for a
+    LoRA model: adapter tensors only, the frozen base comes from elsewhere)."""
+    if not is_lora_model(model):
+        return list(missing)
+    return [k for k in missing if ".lora_A." in k or ".lora_B." in k]

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from intro2llm.model.lora import checkpoint_missing_keys, checkpoint_state_dict, is_lora_model, lora_config_dict
 from intro2llm.training import checkpoint as ckpt
 from intro2llm.training.distributed import (
     DistInfo,
@@ -287,7 +288,7 @@ class Trainer:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return self.raw_model.state_dict() if self.info.is_main else None
+        return checkpoint_state_dict(self.raw_model) if self.info.is_main else None  # LoRA: the adapters only
 
     def _optimizer_state(self) -> dict[str, Any] | None:
         if self._fsdp:
@@ -316,6 +317,7 @@ class Trainer:
                 "tokens_seen": self.tokens_seen,
                 "world_size": self.info.world_size,
                 "bad_streak": self.bad_streak,
+                "adapter": lora_config_dict(self.raw_model),  # LoRA: the base pointer and options
             }
             try:
                 path = ckpt.save_checkpoint(self.checkpoint_root(), self.step, model_state, optim_state,
@@ -357,7 +359,14 @@ class Trainer:
             set_model_state_dict(self.model, c.model_state, options=opts)
             set_optimizer_state_dict(self.model, self.optimizer, c.optimizer_state, options=opts)
         else:
+            if bool(ts.get("adapter")) != is_lora_model(self.raw_model):
+                raise ckpt.CheckpointError(
+                    f"checkpoint {target} holds " + ("LoRA adapters" if ts.get("adapter") else "a full model")
+                    + " but the model " + ("has adapters" if is_lora_model(self.raw_model) else "has none")
+                    + ": resume with the same --lora/--qlora options"
+                )
             missing, unexpected = self.raw_model.load_state_dict(c.model_state, strict=False)
+            missing = checkpoint_missing_keys(self.raw_model, missing)  # a LoRA model's base is not stored
             if missing or unexpected:
                 raise ckpt.CheckpointError(
                     f"checkpoint {target / ckpt.MODEL_FILE} does not fit the model: missing {missing}, "
