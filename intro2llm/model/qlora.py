@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from intro2llm import ops
+from intro2llm.ops import nf4 as nf4_ops  # intro2llm.ops.nf4_*: the op module itself (dispatch inside)
 
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -49,7 +49,7 @@ class Linear4bit(nn.Module):
         self.compute_dtype = compute_dtype
         self.double_quant = double_quant
         self.blocksize = blocksize
-        q = ops.nf4_quantize(weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        q = nf4_ops.nf4_quantize(weight.detach(), blocksize=blocksize, double_quant=double_quant)
         # the NF4Weight's tensors become buffers (state_dict, .to(device)); its other fields stay attributes
         self._nf4_fields: dict[str, Any] = {}
         self._nf4_tensor_fields: list[str] = []
@@ -82,12 +82,12 @@ class Linear4bit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) → (..., out)
         bias = self.bias
-        return ops.nf4_matmul(x.to(self.compute_dtype), self.nf4_weight(), bias)
+        return nf4_ops.nf4_matmul(x.to(self.compute_dtype), self.nf4_weight(), bias)
 
     @torch.no_grad()
     def dequantize(self) -> torch.Tensor:
         """The (out, in) weight the codes stand for, in ``compute_dtype``."""
-        return ops.nf4_dequantize(self.nf4_weight()).to(self.compute_dtype)
+        return nf4_ops.nf4_dequantize(self.nf4_weight()).to(self.compute_dtype)
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
