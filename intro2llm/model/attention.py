@@ -6,9 +6,11 @@ by that factor. ``Hkv == H`` is classic multi-head attention, ``Hkv == 1`` multi
 
 The attention itself is ``intro2llm.ops.flash_attention`` (B, H, T, D) tensors, k/v with Hkv heads — the op
 maps query head h to kv head ``h // (H / Hkv)`` itself, so this module never materializes ``repeat_kv``
-(the helper below is the lesson's explanation and the tests' oracle). Masks: ``causal=True`` with bottom-right
-alignment (decoding with a cache), ``window=config.sliding_window`` (Mistral), and a key padding mask (B, Tk)
-for left-padded batches. The mask helpers below build the same boolean masks explicitly for the lesson/tests.
+(the lesson's explanation and the tests' oracle). Masks: ``causal=True`` with bottom-right alignment (decoding
+with a cache), ``window=config.sliding_window`` (Mistral), and a key padding mask (B, Tk) for left-padded
+batches. The lesson's helpers — ``repeat_kv``, ``attention_mask``/``causal_mask``/``sliding_window_mask``/
+``padding_mask`` (the same boolean masks, explicitly) and ``naive_attention`` (the formula) — live with the op
+in ``intro2llm.ops.flash_attention`` and are re-exported here.
 
 Not handled: attention dropout (the op has none; ``config.dropout`` applies to the output projection),
 cross-attention, ALiBi/arbitrary additive biases.
@@ -22,47 +24,14 @@ from torch import nn
 from intro2llm import ops
 from intro2llm.model.config import ModelConfig
 from intro2llm.model.kv_cache import KVCache
-
-
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(B, Hkv, T, D) → (B, Hkv·n_rep, T, D): query head h reads kv head h // n_rep (Hugging Face's repeat_kv)."""
-    if n_rep == 1:
-        return x
-    B, Hkv, T, D = x.shape
-    return x[:, :, None].expand(B, Hkv, n_rep, T, D).reshape(B, Hkv * n_rep, T, D)
-
-
-def causal_mask(Tq: int, Tk: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
-    """(Tq, Tk) bool keep-mask: query i (at position i + Tk - Tq) sees keys j ≤ its position."""
-    Tk = Tq if Tk is None else Tk
-    q_pos = torch.arange(Tq, device=device)[:, None] + (Tk - Tq)  # bottom-right alignment
-    return torch.arange(Tk, device=device)[None, :] <= q_pos
-
-
-def sliding_window_mask(Tq: int, window: int, Tk: int | None = None,
-                        device: torch.device | str | None = None) -> torch.Tensor:
-    """(Tq, Tk) bool keep-mask of causal attention limited to the last ``window`` keys (itself included)."""
-    Tk = Tq if Tk is None else Tk
-    q_pos = torch.arange(Tq, device=device)[:, None] + (Tk - Tq)
-    k_pos = torch.arange(Tk, device=device)[None, :]
-    return (k_pos <= q_pos) & (k_pos > q_pos - window)
-
-
-def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, Tk) 0/1 attention mask (1 = real token) → (B, 1, 1, Tk) bool keep-mask broadcastable to scores."""
-    return attention_mask.to(torch.bool)[:, None, None, :]
-
-
-def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None = None,
-                    scale: float | None = None) -> torch.Tensor:
-    """The formula written out (lesson code, test oracle): q (B, H, Tq, D), k/v (B, Hkv, Tk, D), keep bool mask."""
-    H = q.shape[1]
-    k, v = repeat_kv(k, H // k.shape[1]), repeat_kv(v, H // v.shape[1])
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
-    if keep is not None:
-        scores = scores.masked_fill(~keep, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v  # (B, H, Tq, D)
+from intro2llm.ops.flash_attention import (  # noqa: F401  (the lesson's helpers; one home: intro2llm.ops)
+    attention_mask,
+    causal_mask,
+    naive_attention,
+    padding_mask,
+    repeat_kv,
+    sliding_window_mask,
+)
 
 
 class GroupedQueryAttention(nn.Module):

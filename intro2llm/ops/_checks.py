@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from intro2llm.ops._dispatch import FAST_DTYPES as FLOAT_DTYPES  # noqa: F401, I001 (TEMP: until all ops are ported)
+from intro2llm.ops._dispatch import REFERENCE_DTYPES
 
 
-def check_float(name: str, t: torch.Tensor, op: str, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> None:
+def check_float(name: str, t: torch.Tensor, op: str, dtypes: tuple[torch.dtype, ...] = REFERENCE_DTYPES) -> None:
     """Raise TypeError unless ``t`` is a tensor of one of ``dtypes``."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")

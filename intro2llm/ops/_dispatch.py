@@ -1,6 +1,6 @@
-"""Backend resolution for ``intro2llm.ops``: which implementation of an op runs for a given call.
+"""Backend resolution and kernel registration for ``intro2llm.ops``: the one template every op follows.
 
-Backends: ``"reference"`` (PyTorch eager, always there), ``"triton"`` (``intro2llm.kernels``), ``"cpp"``
+Backends: ``"reference"`` (PyTorch eager, always there), ``"triton"`` (``kernels/``), ``"cpp"``
 (``intro2llm._C`` on CPU tensors), ``"cuda"`` (``intro2llm._C`` on CUDA tensors).
 
 First match wins: the call's ``backend=`` argument > ``with use_backend(name):`` > env ``INTRO2LLM_BACKEND`` >
@@ -8,6 +8,30 @@ auto. Auto picks, for CUDA tensors, triton, else cuda, else reference; for CPU t
 reference. Auto never raises; an explicit choice that cannot run raises ``BackendUnavailableError`` naming what
 is missing. Resolution happens in Python before autograd records anything, so each backend's autograd formula
 is the one that runs.
+
+How to add an op (worked example: ``rms_norm.py``, read it alongside)
+-------------------------------------------------------------------
+One module ``intro2llm/ops/<op>.py``, in this order:
+
+1. ``<op>_reference(...)``: the lesson's math in eager PyTorch (fp32 statistics, float64 accepted). It is the
+   test oracle and the fallback, so it handles every input the public op accepts.
+2. ``_validate(...)``: shapes, dtypes (``_checks.check_float``, which allows ``REFERENCE_DTYPES``) and devices,
+   raising ``TypeError``/``ValueError`` that name the argument and its shape before any kernel runs.
+3. ``OP = _dispatch.Op("<op>", backends=(...), compiled="<op>_fwd")``: the backends the op has, the
+   ``intro2llm::`` forward whose registration proves the C++/CUDA kernels are built, and (``dtypes=``) what
+   the fast backends compute in (default ``FAST_DTYPES``; anything else runs on the reference).
+4. The kernels as differentiable torch ops, with one fake (shape) function per kernel and one ``backward`` /
+   ``setup_context`` shared by every backend: ``register_kernels("<op>_fwd", "<op>_bwd", ...)`` for the C++/CUDA
+   pair of ``intro2llm._C`` (declared by one schema line in ``csrc/ops.cpp``; a stale or missing extension
+   registers nothing, and ``OP.resolve`` then says "rebuild"), and the same call with the two
+   ``torch.library.custom_op`` wrappers of the Triton kernels (imported lazily: triton is optional).
+5. The public ``<op>(..., *, backend=None)``: validate, ``name = OP.resolve(x.device, backend, dtype=x.dtype)``,
+   call the reference or the chosen backend's forward. Shape limits of the fast kernels (flash attention's head
+   dims) go in ``problem=``: auto then falls back to the reference, an explicit backend raises ``ValueError``.
+
+Then: export it in ``ops/__init__.py``, a test ``tests/test_<op>.py`` (reference vs PyTorch/the well-known
+implementation, every available backend vs the reference incl. gradients, ``torch.library.opcheck``, error
+messages) and a benchmark ``benchmarks/bench_<op>.py``. Nothing else changes.
 """
 
 from __future__ import annotations
@@ -16,12 +40,14 @@ import contextlib
 import functools
 import importlib.util
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
 BACKENDS = ("reference", "triton", "cpp", "cuda")
-FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what every fast backend computes in
+FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the fast backends compute in (default)
+REFERENCE_DTYPES = FAST_DTYPES + (torch.float64,)  # what the references (and so every public op) accept
 _ENV_VAR = "INTRO2LLM_BACKEND"
 _stack: list[str] = []  # use_backend() nesting
 
@@ -32,13 +58,16 @@ class BackendUnavailableError(RuntimeError):
 
 @functools.cache
 def _extension() -> tuple[object | None, str | None]:
-    """Import ``intro2llm._C`` once: (module, None) or (None, why it is missing)."""
-    try:
-        from intro2llm import _C  # noqa: F401  (importing registers torch.ops.intro2llm.*)
+    """Load ``intro2llm._C`` once: (module, None) or (None, why it is missing and what fixes it).
 
-        return _C, None
-    except ImportError as exc:
-        return None, f"the compiled extension intro2llm._C is not built ({exc}); reinstall with a C++ compiler"
+    ``intro2llm._ext.state()`` picks the build made for the running torch: the installed one, or one it compiles
+    into the per-user cache on first use (loading either registers ``torch.ops.intro2llm.*``)."""
+    from intro2llm import _ext
+
+    st = _ext.state()
+    if st.module is not None:
+        return st.module, None
+    return None, f"the compiled extension intro2llm._C is missing: {st.error}" + (f" (fix: {st.fix})" if st.fix else "")
 
 
 @torch._dynamo.assume_constant_result  # probes run eagerly: torch.compile(fullgraph=True) sees a constant
@@ -158,31 +187,105 @@ def resolve_backend(
     implemented: Sequence[str] = BACKENDS,
     compiled_op: str | None = None,
     dtype: torch.dtype | None = None,
+    dtypes: Sequence[torch.dtype] = FAST_DTYPES,
+    problem: str | None = None,
 ) -> str:
-    """The backend that runs this call of ``op`` on tensors on ``device``.
+    """The backend that runs this call of ``op`` on tensors on ``device`` (ops call it through ``Op.resolve``).
 
     ``implemented`` lists the backends the op has; ``compiled_op`` names the ``intro2llm::`` op whose
     registration proves the cpp/cuda kernel was built. Raises ``BackendUnavailableError`` for an explicit choice
-    that cannot run; auto falls back silently. ``dtype`` (the input's): outside ``FAST_DTYPES`` (float64, say)
-    only the reference runs — a fast backend named by the ``backend`` argument raises ``TypeError``, one chosen
-    by context, environment or auto falls back to the reference.
+    that cannot run; auto falls back silently. ``dtype`` (the input's): outside ``dtypes`` (float64, say) only
+    the reference runs, and ``problem`` (why the fast kernels cannot take this call's shapes) does the same — a
+    fast backend named by the ``backend`` argument raises ``TypeError`` (dtype) or ``ValueError`` (problem), one
+    chosen by context, environment or auto falls back to the reference.
     """
     requested = backend or (_stack[-1] if _stack else None) or os.environ.get(_ENV_VAR) or "auto"
     _check_name(requested)
+    if dtype is not None and dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        problem, error = f"supports dtypes ({allowed}), got {dtype}", TypeError
+    else:
+        error = ValueError
     if requested != "auto":
         why = _why_not(op, requested, device, implemented, compiled_op)
         if why is not None:
             raise BackendUnavailableError(f"{op}: backend {requested!r} cannot run: {why}")
-        if requested != "reference" and dtype is not None and dtype not in FAST_DTYPES:
+        if requested != "reference" and problem is not None:
             if backend is not None:
-                allowed = ", ".join(str(d).replace("torch.", "") for d in FAST_DTYPES)
-                raise TypeError(f"{op}: backend {requested!r} supports dtypes ({allowed}), got {dtype}")
+                raise error(f"{op}: backend {requested!r} {problem}")
             return "reference"
         return requested
-    if dtype is not None and dtype not in FAST_DTYPES:
+    if problem is not None:
         return "reference"
     order = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpp", "reference")
     for name in order:
         if _why_not(op, name, device, implemented, compiled_op) is None:
             return name
     return "reference"
+
+
+@dataclass(frozen=True)
+class Op:
+    """What an op declares once: its name (in messages), the backends it has, the ``intro2llm::`` forward that
+    proves its C++/CUDA kernels are built, and the dtypes its fast backends compute in."""
+
+    name: str
+    backends: tuple[str, ...] = BACKENDS
+    compiled: str | None = None
+    dtypes: tuple[torch.dtype, ...] = FAST_DTYPES
+
+    def __str__(self) -> str:  # f"{OP}: ..." in error messages
+        return self.name
+
+    def resolve(
+        self, device: torch.device, backend: str | None = None, *, dtype: torch.dtype | None = None,
+        problem: str | None = None,
+    ) -> str:
+        """The backend for this call (see ``resolve_backend``); ``problem``: why the fast kernels cannot take it."""
+        return resolve_backend(
+            self.name, device, backend, implemented=self.backends, compiled_op=self.compiled, dtype=dtype,
+            dtypes=self.dtypes, problem=problem,
+        )  # fmt: skip
+
+
+def extension_op(name: str) -> Callable:
+    """``torch.ops.intro2llm.<name>``, looked up at call time (importing an op never needs the extension)."""
+    return lambda *args: getattr(torch.ops.intro2llm, name)(*args)
+
+
+def register_kernels(
+    fwd: str | Callable,
+    bwd: str | Callable | None,
+    *,
+    fake_fwd: Callable,
+    fake_bwd: Callable | None,
+    backward: Callable,
+    setup_context: Callable,
+    extra_fakes: dict[str, Callable] | None = None,
+) -> bool:
+    """Make one backend's forward/backward kernel pair a differentiable torch op (``torch.compile`` and
+    ``torch.library.opcheck`` see a real op): the fake (shape) function of each, and the autograd formula of
+    ``fwd``, ``backward(bwd, ctx, *grads)``, which gets the backend's backward kernel first so that one function
+    serves every backend (``setup_context(ctx, inputs, output)`` saves what it needs).
+
+    ``fwd``/``bwd``: the names of two ``intro2llm._C`` ops ("rms_norm_fwd"; C++ and CUDA share them) or two
+    ``torch.library.custom_op`` functions (Triton); ``bwd=None`` (with ``fake_bwd=None``) for a forward whose
+    backward needs no kernel of its own (``backward`` then gets None first). ``extra_fakes``: fakes of further
+    ``_C`` ops of the op (name -> fake). Returns False, registering nothing, when the loaded extension lacks a
+    named op (not built, or built from older sources: ``resolve`` then reports "rebuild" for cpp/cuda and auto
+    uses the reference).
+    """
+    if isinstance(fwd, str):
+        names = [fwd, bwd, *(extra_fakes or {})]
+        if not all(has_compiled_kernel(n, "cpu") for n in names):
+            return False
+        for name, fake in (extra_fakes or {}).items():
+            torch.library.register_fake(f"intro2llm::{name}")(fake)
+        fwd, bwd_kernel, bwd = f"intro2llm::{fwd}", extension_op(bwd), f"intro2llm::{bwd}"
+    else:
+        bwd_kernel = bwd
+    torch.library.register_fake(fwd)(fake_fwd)
+    if bwd is not None:
+        torch.library.register_fake(bwd)(fake_bwd)
+    torch.library.register_autograd(fwd, functools.partial(backward, bwd_kernel), setup_context=setup_context)
+    return True

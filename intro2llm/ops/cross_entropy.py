@@ -5,8 +5,8 @@ which equals ``torch.nn.functional.cross_entropy(x, t, ignore_index, label_smoot
 (z-loss: PaLM, Chowdhery et al. 2022, §5). Reduction "mean" divides by the number of non-ignored tokens; with
 every token ignored that is 0/0 = nan, exactly like PyTorch (gradients are then zero); "sum" gives 0.
 
-Layout follows ``rms_norm.py``: the reference, then the C++/CUDA ops from ``intro2llm._C`` and the Triton ops
-(``intro2llm.kernels.cross_entropy``), each registered with fake + autograd, then ``cross_entropy``.
+Layout: the op template of ``_dispatch`` (worked example ``rms_norm.py``); the kernels are the C++/CUDA ops of
+``intro2llm._C`` and the Triton ops of ``kernels/cross_entropy.py``.
 
 How the fast paths save memory (Liger-Kernel's goal, a different route): the forward makes one online
 log-sum-exp pass over each row in fp32 and keeps only ``lse`` (N floats); the backward re-reads the logits and
@@ -27,10 +27,9 @@ from __future__ import annotations
 import torch
 
 from intro2llm.ops import _dispatch
-from intro2llm.ops._checks import FLOAT_DTYPES, check_float, check_same_device
+from intro2llm.ops._checks import check_float, check_same_device
 
-OP = "cross_entropy"
-BACKENDS = ("reference", "triton", "cpp", "cuda")
+OP = _dispatch.Op("cross_entropy", backends=("reference", "triton", "cpp", "cuda"), compiled="cross_entropy_fwd")
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -75,7 +74,7 @@ def cross_entropy_reference(
 def _validate(
     logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float, z_loss: float, reduction: str
 ) -> None:
-    check_float("logits", logits, OP, FLOAT_DTYPES + (torch.float64,))
+    check_float("logits", logits, OP.name)
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"{OP}: targets must be a torch.Tensor, got {type(targets).__name__}")
     if targets.dtype not in (torch.int64, torch.int32):
@@ -87,7 +86,7 @@ def _validate(
     if tuple(targets.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"{OP}: targets shape {tuple(targets.shape)} must equal logits shape without its last "
                          f"dimension {tuple(logits.shape[:-1])} (logits {tuple(logits.shape)})")
-    check_same_device(OP, logits=logits, targets=targets)
+    check_same_device(OP.name, logits=logits, targets=targets)
     if reduction not in REDUCTIONS:
         raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
@@ -96,7 +95,7 @@ def _validate(
         raise ValueError(f"{OP}: z_loss must be >= 0, got {z_loss}")
 
 
-def check_targets(targets: torch.Tensor, num_classes: int, ignore_index: int, op: str = OP) -> None:
+def check_targets(targets: torch.Tensor, num_classes: int, ignore_index: int, op: str = OP.name) -> None:
     """ValueError naming the first target outside [0, num_classes) that is not ``ignore_index`` (syncs on GPU)."""
     if torch.compiler.is_compiling() or targets.numel() == 0:
         return  # the compiled ops check again at run time; here the values are fake
@@ -109,8 +108,8 @@ def check_targets(targets: torch.Tensor, num_classes: int, ignore_index: int, op
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# C++ (CPU) and CUDA: intro2llm::cross_entropy_fwd / _bwd / _fwd_bwd_ from csrc/, registered with fake + autograd.
-# All take 2-D logits (N, V) and int64 targets (N,); the reduction happens in Python on the per-row losses.
+# Kernels: all take 2-D logits (N, V) and int64 targets (N,); the reduction happens in Python on the per-row
+# losses. C++/CUDA: intro2llm::cross_entropy_fwd / _bwd / _fwd_bwd_ (in place, for fused_linear_cross_entropy).
 # ---------------------------------------------------------------------------------------------------------------
 def _fake_fwd(logits, targets, ignore_index, label_smoothing, z_loss):
     rows = logits.new_empty(logits.shape[:1], dtype=torch.float32)
@@ -131,22 +130,12 @@ def _setup_context(ctx, inputs, output):
     ctx.params = (ignore_index, label_smoothing, z_loss)
 
 
-def _compiled_backward(ctx, grad_loss, _grad_lse):
+def _backward(bwd, ctx, grad_loss, _grad_lse):
     logits, targets, lse = ctx.saved_tensors
-    dx = torch.ops.intro2llm.cross_entropy_bwd(grad_loss.contiguous(), logits, targets, lse, *ctx.params)
-    return dx, None, None, None, None
+    return bwd(grad_loss.contiguous(), logits, targets, lse, *ctx.params), None, None, None, None
 
 
-if _dispatch.extension_error() is None and hasattr(torch.ops.intro2llm, "cross_entropy_fwd"):
-    torch.library.register_fake("intro2llm::cross_entropy_fwd")(_fake_fwd)
-    torch.library.register_fake("intro2llm::cross_entropy_bwd")(_fake_bwd)
-    torch.library.register_fake("intro2llm::cross_entropy_fwd_bwd_")(_fake_fwd_bwd_)
-    torch.library.register_autograd("intro2llm::cross_entropy_fwd", _compiled_backward, setup_context=_setup_context)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Triton: kernels/cross_entropy.py launched inside custom ops (triton imported lazily: it is optional).
-# ---------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("intro2llm::cross_entropy_fwd_triton", mutates_args=())
 def _cross_entropy_fwd_triton(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float
@@ -175,14 +164,11 @@ def _cross_entropy_bwd_triton(
     )
 
 
-def _triton_backward(ctx, grad_loss, _grad_lse):
-    logits, targets, lse = ctx.saved_tensors
-    return _cross_entropy_bwd_triton(grad_loss, logits, targets, lse, *ctx.params), None, None, None, None
-
-
-_cross_entropy_fwd_triton.register_fake(_fake_fwd)
-_cross_entropy_bwd_triton.register_fake(_fake_bwd)
-_cross_entropy_fwd_triton.register_autograd(_triton_backward, setup_context=_setup_context)
+_KERNELS = dict(fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, backward=_backward, setup_context=_setup_context)
+_dispatch.register_kernels(  # C++ (CPU) and CUDA, from csrc/
+    "cross_entropy_fwd", "cross_entropy_bwd", extra_fakes={"cross_entropy_fwd_bwd_": _fake_fwd_bwd_}, **_KERNELS
+)
+_dispatch.register_kernels(_cross_entropy_fwd_triton, _cross_entropy_bwd_triton, **_KERNELS)
 
 
 def fwd_bwd_inplace(backend: str):
@@ -219,8 +205,7 @@ def cross_entropy(
 ) -> torch.Tensor:
     """Cross-entropy: logits (..., V) fp32/bf16/fp16, targets (...) int64 → scalar or (...) in logits' dtype."""
     _validate(logits, targets, label_smoothing, z_loss, reduction)
-    name = _dispatch.resolve_backend(OP, logits.device, backend, implemented=BACKENDS, compiled_op="cross_entropy_fwd",
-                                     dtype=logits.dtype)
+    name = OP.resolve(logits.device, backend, dtype=logits.dtype)
     if name == "reference":
         check_targets(targets, logits.shape[-1], ignore_index)
         return cross_entropy_reference(logits, targets, ignore_index, label_smoothing, z_loss, reduction)

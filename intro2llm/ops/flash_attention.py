@@ -35,10 +35,9 @@ from typing import Optional
 import torch
 
 from intro2llm.ops import _dispatch
-from intro2llm.ops._checks import FLOAT_DTYPES, check_float, check_same_device
+from intro2llm.ops._checks import check_float, check_same_device
 
-OP = "flash_attention"
-BACKENDS = ("reference", "triton", "cpp", "cuda")
+OP = _dispatch.Op("flash_attention", backends=("reference", "triton", "cpp", "cuda"), compiled="flash_attention_fwd")
 FAST_HEAD_DIMS = (16, 32, 64, 128)
 
 
@@ -53,12 +52,17 @@ def attention_mask(
     key_padding_mask: torch.Tensor | None = None,
     device: torch.device | str | None = None,
     segment_ids: torch.Tensor | None = None,
+    *,
+    rows: tuple[int, int] | None = None,
+    cols: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Boolean keep-mask (Tq, Tk), or (B, 1, Tq, Tk) with ``key_padding_mask`` or ``segment_ids``: True where
-    query i sees key j."""
-    q_pos = torch.arange(Tq, device=device)[:, None] + (Tk - Tq)  # (Tq, 1) bottom-right alignment
-    k_pos = torch.arange(Tk, device=device)[None, :]  # (1, Tk)
-    keep = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
+    query i sees key j. ``rows=(q0, q1)``, ``cols=(k0, k1)``: only that tile of it (the tiled reference's masks)."""
+    q0, q1 = rows or (0, Tq)
+    k0, k1 = cols or (0, Tk)
+    q_pos = torch.arange(q0, q1, device=device)[:, None] + (Tk - Tq)  # (tq, 1) bottom-right alignment
+    k_pos = torch.arange(k0, k1, device=device)[None, :]  # (1, tk)
+    keep = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool, device=device)
     if causal:
         keep &= k_pos <= q_pos
     if window is not None:
@@ -66,18 +70,60 @@ def attention_mask(
         if not causal:
             keep &= k_pos < q_pos + window
     if key_padding_mask is not None:
-        keep = keep[None, None] & key_padding_mask.to(torch.bool)[:, None, None, :]  # (B, 1, Tq, Tk)
-    if segment_ids is not None:
-        same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # (B, 1, T, T)
-        keep = keep & same
+        keep = keep[None, None] & key_padding_mask.to(torch.bool)[:, None, None, k0:k1]  # (B, 1, tq, tk)
+    if segment_ids is not None:  # Tq == Tk: packed samples see only their own segment
+        keep = keep & (segment_ids[:, None, q0:q1, None] == segment_ids[:, None, None, k0:k1])  # (B, 1, tq, tk)
     return keep
 
 
-def _expand_kv(t: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """(B, Hkv, T, D) → (B, H, T, D): query head h reads kv head h // (H // Hkv). The reference's copy; fast
-    paths map head indices instead."""
-    group = n_heads // t.shape[1]
-    return t if group == 1 else t.repeat_interleave(group, dim=1)
+def causal_mask(Tq: int, Tk: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """(Tq, Tk) bool keep-mask: query i (at position i + Tk - Tq) sees keys j ≤ its position."""
+    return attention_mask(Tq, Tq if Tk is None else Tk, causal=True, device=device)
+
+
+def sliding_window_mask(
+    Tq: int, window: int, Tk: int | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """(Tq, Tk) bool keep-mask of causal attention limited to the last ``window`` keys (itself included)."""
+    return attention_mask(Tq, Tq if Tk is None else Tk, causal=True, window=window, device=device)
+
+
+def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, Tk) 0/1 attention mask (1 = real token) → (B, 1, 1, Tk) bool keep-mask broadcastable to scores."""
+    return attention_mask.to(torch.bool)[:, None, None, :]
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, Hkv, T, D) → (B, Hkv·n_rep, T, D): query head h reads kv head h // n_rep (Hugging Face's repeat_kv).
+    The references' copy; the fast paths map head indices instead."""
+    if n_rep == 1:
+        return x
+    B, Hkv, T, D = x.shape
+    return x[:, :, None].expand(B, Hkv, n_rep, T, D).reshape(B, Hkv * n_rep, T, D)
+
+
+def naive_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None = None, scale: float | None = None
+) -> torch.Tensor:
+    """The formula written out: softmax(Q Kᵀ·scale, masked where ``keep`` is False) V, in fp32 (fp64 for fp64).
+
+    q (B, H, Tq, D), k/v (B, Hkv, Tk, D), keep a bool mask broadcastable to (B, H, Tq, Tk) → (B, H, Tq, D) in
+    q's dtype. A query row with no visible key gives zeros (a plain softmax would give NaN). Memory:
+    O(B·H·Tq·Tk) — scores and probabilities each read and written once more than the output; that is what flash
+    attention removes.
+    """
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    H = q.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    kf = repeat_kv(k, H // k.shape[1]).to(acc)  # (B, H, Tk, D)
+    vf = repeat_kv(v, H // v.shape[1]).to(acc)  # (B, H, Tk, D)
+    s = torch.matmul(q.to(acc), kf.transpose(-1, -2)) * scale  # (B, H, Tq, Tk)  reads Tq·Tk, writes Tq·Tk
+    if keep is None:
+        return torch.matmul(torch.softmax(s, dim=-1), vf).to(q.dtype)
+    s = s.masked_fill(~keep, float("-inf"))
+    empty = ~keep.any(dim=-1, keepdim=True)  # rows with no visible key: zeros (and zero gradients), not NaN
+    p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)  # (B, H, Tq, Tk)
+    return torch.matmul(p, vf).to(q.dtype)  # (B, H, Tq, D)
 
 
 def flash_attention_reference(
@@ -90,24 +136,10 @@ def flash_attention_reference(
     key_padding_mask: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Naive attention: softmax(Q Kᵀ·scale + mask) V with the (B, H, Tq, Tk) scores materialized, in fp32.
-
-    q (B, H, Tq, D), k/v (B, Hkv, Tk, D) → (B, H, Tq, D) in q's dtype. Memory: O(B·H·Tq·Tk) — scores and
-    probabilities each read and written once more than the output; that is what flash attention removes.
-    """
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    H, Tq, D = q.shape[1], q.shape[2], q.shape[3]
-    Tk = k.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    kf = _expand_kv(k, H).to(acc)  # (B, H, Tk, D)
-    vf = _expand_kv(v, H).to(acc)  # (B, H, Tk, D)
-    s = torch.matmul(q.to(acc), kf.transpose(-1, -2)) * scale  # (B, H, Tq, Tk)  reads Tq·Tk, writes Tq·Tk
-    keep = attention_mask(Tq, Tk, causal, window, key_padding_mask, device=q.device, segment_ids=segment_ids)
-    s = s.masked_fill(~keep, float("-inf"))
-    # A row with no visible key would be softmax(all -inf) = NaN; give it zeros (and zero gradients).
-    empty = ~keep.any(dim=-1, keepdim=True)  # (Tq, 1) or (B, 1, Tq, 1)
-    p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)  # (B, H, Tq, Tk)
-    return torch.matmul(p, vf).to(q.dtype)  # (B, H, Tq, D)
+    """Naive attention (``naive_attention``) under ``attention_mask``: q (B, H, Tq, D), k/v (B, Hkv, Tk, D) →
+    (B, H, Tq, D) in q's dtype, with the (B, H, Tq, Tk) scores materialized in fp32."""
+    keep = attention_mask(q.shape[2], k.shape[2], causal, window, key_padding_mask, q.device, segment_ids)
+    return naive_attention(q, k, v, keep, scale)
 
 
 def flash_attention_tiled_reference(
@@ -120,6 +152,7 @@ def flash_attention_tiled_reference(
     key_padding_mask: torch.Tensor | None = None,
     block_q: int = 64,
     block_k: int = 64,
+    segment_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The lesson's algorithm in readable PyTorch: tiles of Q stay put, tiles of K/V stream past, and an online
     softmax (running max m, running sum l) rescales the partial output, so no (Tq, Tk) matrix exists.
@@ -156,20 +189,10 @@ def flash_attention_tiled_reference(
                 kj = k[:, hk, k0:k1].to(acc)  # (B, bk, D)
                 vj = v[:, hk, k0:k1].to(acc)  # (B, bk, D)
                 s = torch.matmul(qi, kj.transpose(-1, -2))  # (B, bq, bk)
-                # the mask of this tile, from the absolute positions of its queries and keys
-                qp = torch.arange(q0, q1, device=q.device)[:, None] + offset  # (bq, 1)
-                kp = torch.arange(k0, k1, device=q.device)[None, :]  # (1, bk)
-                keep = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool, device=q.device)
-                if causal:
-                    keep &= kp <= qp
-                if window is not None:
-                    keep &= kp > qp - window
-                    if not causal:
-                        keep &= kp < qp + window
-                keep = keep[None].expand(B, -1, -1)
-                if key_padding_mask is not None:
-                    keep = keep & key_padding_mask[:, None, k0:k1].to(torch.bool)
-                s = s.masked_fill(~keep, float("-inf"))
+                # the mask of this tile: (bq, bk), or (B, 1, bq, bk) with padding/segments -> (B, bq, bk)
+                keep = attention_mask(Tq, Tk, causal, window, key_padding_mask, q.device, segment_ids,
+                                      rows=(q0, q1), cols=(k0, k1))
+                s = s.masked_fill(~keep.reshape(-1, q1 - q0, k1 - k0), float("-inf"))
                 m_new = torch.maximum(m, s.amax(dim=-1))  # (B, bq)
                 # rows that have seen no key yet keep m = -inf; use 0 there so exp() gives 0, not NaN
                 m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
@@ -188,12 +211,12 @@ def flash_attention_tiled_reference(
 # ---------------------------------------------------------------------------------------------------------------
 def _validate(q, k, v, causal, window, scale, key_padding_mask) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        check_float(name, t, OP, FLOAT_DTYPES + (torch.float64,))
+        check_float(name, t, OP.name)
         if t.dim() != 4:
             raise ValueError(f"{OP}: {name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"{OP}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    check_same_device(OP, q=q, k=k, v=v, key_padding_mask=key_padding_mask)
+    check_same_device(OP.name, q=q, k=k, v=v, key_padding_mask=key_padding_mask)
     B, H, Tq, D = q.shape
     if k.shape != v.shape:
         raise ValueError(f"{OP}: k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
@@ -231,7 +254,7 @@ def _validate(q, k, v, causal, window, scale, key_padding_mask) -> None:
             )
 
 
-def _validate_segments(q, k, segment_ids, backend) -> None:
+def _validate_segments(q, k, segment_ids) -> None:
     B, Tq, Tk = q.shape[0], q.shape[2], k.shape[2]
     if not isinstance(segment_ids, torch.Tensor) or segment_ids.dtype.is_floating_point or \
             segment_ids.dtype == torch.bool:
@@ -240,23 +263,20 @@ def _validate_segments(q, k, segment_ids, backend) -> None:
     if Tq != Tk or tuple(segment_ids.shape) != (B, Tk):
         raise ValueError(f"{OP}: segment_ids must have shape (B, T) = ({B}, {Tk}) with Tq == Tk, got "
                          f"{tuple(segment_ids.shape)} for q {tuple(q.shape)}, k {tuple(k.shape)}")
-    check_same_device(OP, q=q, segment_ids=segment_ids)
-    if backend is not None and backend != "reference":
-        raise ValueError(f"{OP}: segment_ids (packed sequences) is only implemented by the 'reference' backend, "
-                         f"not {backend!r}")
+    check_same_device(OP.name, q=q, segment_ids=segment_ids)
 
 
-def _fast_path_problem(q: torch.Tensor) -> str | None:
-    """Why a fast backend cannot take this call (dtype, head dim), or None."""
-    if q.dtype not in FLOAT_DTYPES:
-        return f"fast backends support dtypes (float32, float16, bfloat16), got {q.dtype}"
+def _fast_kernel_problem(q: torch.Tensor, segment_ids: torch.Tensor | None) -> str | None:
+    """Why the fast kernels cannot take this call (beyond dtype, which ``OP.dtypes`` covers), or None."""
+    if segment_ids is not None:
+        return "cannot take segment_ids (packed sequences): only the 'reference' backend implements them"
     if q.shape[-1] not in FAST_HEAD_DIMS:
-        return f"fast backends support head_dim in {FAST_HEAD_DIMS}, got head_dim={q.shape[-1]} (q {tuple(q.shape)})"
+        return f"supports head_dim in {FAST_HEAD_DIMS}, got head_dim={q.shape[-1]} (q {tuple(q.shape)})"
     return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# C++ (CPU) and CUDA: intro2llm::flash_attention_fwd / _bwd from csrc/, registered here with fake + autograd.
+# Kernels: C++/CUDA intro2llm::flash_attention_fwd / _bwd, Triton kernels/flash_attention.py; one backward.
 # ---------------------------------------------------------------------------------------------------------------
 def _fake_fwd(q, k, v, causal, window, scale, key_padding_mask):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -276,30 +296,13 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (causal, window, scale)
 
 
-def _compiled_backward(ctx, grad_out, _grad_lse):
+def _backward(bwd, ctx, grad_out, _grad_lse):
     q, k, v, out, lse, kpm = ctx.saved_tensors
-    causal, window, scale = ctx.args
-    dq, dk, dv = torch.ops.intro2llm.flash_attention_bwd(
-        grad_out.contiguous(), q, k, v, out, lse, causal, window, scale, kpm
-    )
+    dq, dk, dv = bwd(grad_out.contiguous(), q, k, v, out, lse, *ctx.args, kpm)
     return dq, dk, dv, None, None, None, None
 
 
-def _compiled(q, k, v, causal, window, scale, key_padding_mask):
-    # no .contiguous(): the kernels read strided (B, H, T, D) views in place (the CPU forward avoids a copy of
-    # transposed projections and KV-cache prefixes) or copy what they cannot
-    return torch.ops.intro2llm.flash_attention_fwd(q, k, v, causal, window, scale, key_padding_mask)[0]
-
-
-if _dispatch.extension_error() is None and hasattr(torch.ops.intro2llm, "flash_attention_fwd"):
-    torch.library.register_fake("intro2llm::flash_attention_fwd")(_fake_fwd)
-    torch.library.register_fake("intro2llm::flash_attention_bwd")(_fake_bwd)
-    torch.library.register_autograd("intro2llm::flash_attention_fwd", _compiled_backward, setup_context=_setup_context)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Triton: kernels/flash_attention.py launched inside custom ops (triton imported lazily: it is optional).
-# ---------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("intro2llm::flash_attention_fwd_triton", mutates_args=())
 def _flash_attention_fwd_triton(
     q: torch.Tensor,
@@ -336,20 +339,9 @@ def _flash_attention_bwd_triton(
     )  # fmt: skip
 
 
-def _triton_backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, kpm = ctx.saved_tensors
-    causal, window, scale = ctx.args
-    dq, dk, dv = _flash_attention_bwd_triton(grad_out, q, k, v, out, lse, causal, window, scale, kpm)
-    return dq, dk, dv, None, None, None, None
-
-
-_flash_attention_fwd_triton.register_fake(_fake_fwd)
-_flash_attention_bwd_triton.register_fake(_fake_bwd)
-_flash_attention_fwd_triton.register_autograd(_triton_backward, setup_context=_setup_context)
-
-
-def _triton(q, k, v, causal, window, scale, key_padding_mask):
-    return _flash_attention_fwd_triton(q, k, v, causal, window, scale, key_padding_mask)[0]
+_KERNELS = dict(fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, backward=_backward, setup_context=_setup_context)
+_dispatch.register_kernels("flash_attention_fwd", "flash_attention_bwd", **_KERNELS)  # C++ (CPU) and CUDA
+_dispatch.register_kernels(_flash_attention_fwd_triton, _flash_attention_bwd_triton, **_KERNELS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -370,28 +362,14 @@ def flash_attention(
     """Attention q (B, H, Tq, D), k/v (B, Hkv, Tk, D) → (B, H, Tq, D) in q's dtype (see the module docstring)."""
     _validate(q, k, v, causal, window, scale, key_padding_mask)
     if segment_ids is not None:
-        _validate_segments(q, k, segment_ids, backend)
-        return flash_attention_reference(q, k, v, causal, window, scale, key_padding_mask, segment_ids)
-    name = _dispatch.resolve_backend(
-        OP, q.device, backend, implemented=_implemented(), compiled_op="flash_attention_fwd"
-    )
-    if name != "reference":
-        problem = _fast_path_problem(q)
-        if problem is not None:
-            if backend is not None:
-                err = TypeError if q.dtype not in FLOAT_DTYPES else ValueError
-                raise err(f"{OP}: backend {name!r}: {problem}")
-            name = "reference"  # auto: fall back rather than fail
+        _validate_segments(q, k, segment_ids)
+    name = OP.resolve(q.device, backend, dtype=q.dtype, problem=_fast_kernel_problem(q, segment_ids))
     if name == "reference":
-        return flash_attention_reference(q, k, v, causal, window, scale, key_padding_mask)
+        return flash_attention_reference(q, k, v, causal, window, scale, key_padding_mask, segment_ids)
     sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    w = -1 if window is None else int(window)
-    return _FAST[name](q, k, v, bool(causal), w, sc, key_padding_mask)
-
-
-# name -> callable(q, k, v, causal, window, scale, key_padding_mask) for each fast backend this module provides.
-_FAST: dict = {"triton": _triton, "cpp": _compiled, "cuda": _compiled}
-
-
-def _implemented() -> tuple[str, ...]:
-    return ("reference",) + tuple(b for b in BACKENDS if b in _FAST)
+    args = (bool(causal), -1 if window is None else int(window), sc)
+    if name == "triton":
+        return _flash_attention_fwd_triton(q, k, v, *args, key_padding_mask)[0]
+    # no .contiguous(): the kernels read strided (B, H, T, D) views in place (the CPU forward avoids a copy of
+    # transposed projections and KV-cache prefixes) or copy what they cannot
+    return torch.ops.intro2llm.flash_attention_fwd(q, k, v, *args, key_padding_mask)[0]

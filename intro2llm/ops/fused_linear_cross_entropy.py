@@ -20,7 +20,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from intro2llm.ops import _dispatch
-from intro2llm.ops._checks import FLOAT_DTYPES, check_float, check_same_device
+from intro2llm.ops._checks import check_float, check_same_device
 from intro2llm.ops.cross_entropy import (
     REDUCTIONS,
     check_targets,
@@ -29,8 +29,9 @@ from intro2llm.ops.cross_entropy import (
     fwd_bwd_inplace,
 )
 
-OP = "fused_linear_cross_entropy"
-BACKENDS = ("reference", "triton", "cpp", "cuda")
+OP = _dispatch.Op(  # the fast paths are torch GEMMs around the cross_entropy kernels of the chosen backend
+    "fused_linear_cross_entropy", backends=("reference", "triton", "cpp", "cuda"), compiled="cross_entropy_fwd"
+)
 # Default chunk: ~16 MiB of logits (32 tokens at V=128k fp32, 128 at V=32k, 512 at V=8k). Big enough for efficient
 # GEMMs (K >= 32 rows per weight-gradient product), and under glibc's largest dynamic mmap threshold (32 MiB): after
 # the first call the buffer comes from the heap instead of a fresh mapping whose page faults cost 12 ms per 32 MiB
@@ -60,11 +61,10 @@ def fused_linear_cross_entropy_reference(
 
 
 def _validate(hidden, weight, targets, bias, label_smoothing, reduction, chunk_size) -> None:
-    dtypes = FLOAT_DTYPES + (torch.float64,)
-    check_float("hidden", hidden, OP, dtypes)
-    check_float("weight", weight, OP, dtypes)
+    check_float("hidden", hidden, OP.name)
+    check_float("weight", weight, OP.name)
     if bias is not None:
-        check_float("bias", bias, OP, dtypes)
+        check_float("bias", bias, OP.name)
     if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{OP}: targets must be an int64 (or int32) tensor, got "
                         f"{getattr(targets, 'dtype', type(targets).__name__)}")
@@ -79,7 +79,7 @@ def _validate(hidden, weight, targets, bias, label_smoothing, reduction, chunk_s
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"{OP}: targets shape {tuple(targets.shape)} must equal hidden shape without its last "
                          f"dimension {tuple(hidden.shape[:-1])} (hidden {tuple(hidden.shape)})")
-    check_same_device(OP, hidden=hidden, weight=weight, targets=targets, bias=bias)
+    check_same_device(OP.name, hidden=hidden, weight=weight, targets=targets, bias=bias)
     if reduction not in REDUCTIONS:
         raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
@@ -143,7 +143,7 @@ def _flce_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden (N, H), weight (V, H), targets (N,) → loss () fp32, grad_hidden (N, H), grad_weight (V, H),
     grad_bias (V,) (empty without bias), the gradients being those of the reduced loss."""
-    check_targets(targets, weight.shape[0], ignore_index, OP)
+    check_targets(targets, weight.shape[0], ignore_index, OP.name)
     kernel = fwd_bwd_inplace(backend)
     w, b = _cast(weight, bias, hidden.dtype)
     N, V = hidden.shape[0], weight.shape[0]
@@ -169,8 +169,7 @@ def _flce_fwd(
     return loss, grad_hidden, gw32.to(weight.dtype), grad_bias
 
 
-@_flce_fwd.register_fake
-def _(hidden, weight, targets, bias, ignore_index, label_smoothing, reduction, chunk_size, backend):
+def _flce_fake(hidden, weight, targets, bias, ignore_index, label_smoothing, reduction, chunk_size, backend):
     grad_bias = torch.empty_like(bias) if bias is not None else hidden.new_empty(0)
     return hidden.new_empty((), dtype=torch.float32), torch.empty_like(hidden), torch.empty_like(weight), grad_bias
 
@@ -188,7 +187,7 @@ def _flce_setup_context(ctx, inputs, output):
         ctx.save_for_backward(*output[1:])
 
 
-def _flce_backward(ctx, grad_loss, _gh, _gw, _gb):
+def _flce_backward(_bwd, ctx, grad_loss, _gh, _gw, _gb):
     if ctx.in_place:
         if ctx.grads is None:
             raise RuntimeError(f"{OP}: backward ran twice through the same graph (retain_graph=True); the fused op "
@@ -201,7 +200,9 @@ def _flce_backward(ctx, grad_loss, _gh, _gw, _gb):
     return grads[0], grads[1], None, grads[2] if ctx.has_bias else None, None, None, None, None, None
 
 
-_flce_fwd.register_autograd(_flce_backward, setup_context=_flce_setup_context)
+_dispatch.register_kernels(
+    _flce_fwd, None, fake_fwd=_flce_fake, fake_bwd=None, backward=_flce_backward, setup_context=_flce_setup_context
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,7 +221,7 @@ def _flce_none_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden (N, H), weight (V, H), targets (N,) → per-token loss (N,) fp32, lse (N,) fp32."""
-    check_targets(targets, weight.shape[0], ignore_index, OP)
+    check_targets(targets, weight.shape[0], ignore_index, OP.name)
     ce_fwd, _ = fwd_and_bwd(backend)
     w, b = _cast(weight, bias, hidden.dtype)
     losses, lses = [], []
@@ -236,8 +237,7 @@ def _flce_none_fwd(
     return torch.cat(losses), torch.cat(lses)
 
 
-@_flce_none_fwd.register_fake
-def _(hidden, weight, targets, bias, ignore_index, label_smoothing, chunk_size, backend):
+def _flce_none_fake_fwd(hidden, weight, targets, bias, ignore_index, label_smoothing, chunk_size, backend):
     rows = hidden.new_empty(hidden.shape[:1], dtype=torch.float32)
     return rows, torch.empty_like(rows)
 
@@ -274,8 +274,8 @@ def _flce_none_bwd(
     return grad_hidden, gw32.to(weight.dtype), grad_bias
 
 
-@_flce_none_bwd.register_fake
-def _(grad_loss, hidden, weight, targets, bias, lse, ignore_index, label_smoothing, chunk_size, backend):
+def _flce_none_fake_bwd(grad_loss, hidden, weight, targets, bias, lse, ignore_index, label_smoothing, chunk_size,
+                        backend):
     grad_bias = torch.empty_like(bias) if bias is not None else hidden.new_empty(0)
     return torch.empty_like(hidden), torch.empty_like(weight), grad_bias
 
@@ -287,13 +287,16 @@ def _flce_none_setup_context(ctx, inputs, output):
     ctx.params = (ignore_index, label_smoothing, chunk_size, backend)
 
 
-def _flce_none_backward(ctx, grad_loss, _grad_lse):
+def _flce_none_backward(bwd, ctx, grad_loss, _grad_lse):
     hidden, weight, targets, bias, lse = ctx.saved_tensors
-    gh, gw, gb = _flce_none_bwd(grad_loss, hidden, weight, targets, bias, lse, *ctx.params)
+    gh, gw, gb = bwd(grad_loss, hidden, weight, targets, bias, lse, *ctx.params)
     return gh, gw, None, gb if ctx.has_bias else None, None, None, None, None
 
 
-_flce_none_fwd.register_autograd(_flce_none_backward, setup_context=_flce_none_setup_context)
+_dispatch.register_kernels(
+    _flce_none_fwd, _flce_none_bwd, fake_fwd=_flce_none_fake_fwd, fake_bwd=_flce_none_fake_bwd,
+    backward=_flce_none_backward, setup_context=_flce_none_setup_context,
+)  # fmt: skip
 
 
 def fused_linear_cross_entropy(
@@ -335,11 +338,9 @@ def _fused_linear_cross_entropy(
     hidden, weight, targets, bias, ignore_index, label_smoothing, reduction, chunk_size, backend, loss_dtype
 ) -> torch.Tensor:
     _validate(hidden, weight, targets, bias, label_smoothing, reduction, chunk_size)
-    name = _dispatch.resolve_backend(
-        OP, hidden.device, backend, implemented=BACKENDS, compiled_op="cross_entropy_fwd", dtype=hidden.dtype
-    )
+    name = OP.resolve(hidden.device, backend, dtype=hidden.dtype)
     if name == "reference":
-        check_targets(targets, weight.shape[0], ignore_index, OP)
+        check_targets(targets, weight.shape[0], ignore_index, OP.name)
         loss = fused_linear_cross_entropy_reference(
             hidden, weight, targets, bias, ignore_index, label_smoothing, reduction, chunk_size
         )

@@ -1,8 +1,9 @@
 """LayerNorm (Ba et al., 2016): ``(x - mean) / sqrt(var + eps) * weight + bias`` over the last dimension.
 
-Reference in eager PyTorch (fp32 statistics) and a Triton fast path (``kernels/layer_norm.py``), registered
-like ``rms_norm``. Modern decoders use RMSNorm; LayerNorm is here for GPT-2-style models and the lesson's
-comparison of the two. No C++/CUDA kernel: on CPU the reference runs (auto never picks Triton for CPU tensors).
+Reference in eager PyTorch (fp32 statistics) and a Triton fast path (``kernels/layer_norm.py``), in the op
+template of ``_dispatch`` (worked example ``rms_norm.py``). Modern decoders use RMSNorm; LayerNorm is here for
+GPT-2-style models and the lesson's comparison of the two. No C++/CUDA kernel: on CPU the reference runs (auto
+never picks Triton for CPU tensors).
 """
 
 from __future__ import annotations
@@ -10,10 +11,9 @@ from __future__ import annotations
 import torch
 
 from intro2llm.ops import _dispatch
-from intro2llm.ops._checks import FLOAT_DTYPES, check_float, check_same_device
+from intro2llm.ops._checks import check_float, check_same_device
 
-OP = "layer_norm"
-BACKENDS = ("reference", "triton")
+OP = _dispatch.Op("layer_norm", backends=("reference", "triton"))
 
 
 def layer_norm_reference(
@@ -30,8 +30,8 @@ def layer_norm_reference(
 
 
 def _validate(x, weight, bias, eps):
-    check_float("x", x, OP, FLOAT_DTYPES + (torch.float64,))
-    check_float("weight", weight, OP, FLOAT_DTYPES + (torch.float64,))
+    check_float("x", x, OP.name)
+    check_float("weight", weight, OP.name)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"{OP}: x must have a non-empty last dimension, got shape {tuple(x.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
@@ -41,8 +41,8 @@ def _validate(x, weight, bias, eps):
                 f"got {tuple(t.shape)}"
             )
     if bias is not None:
-        check_float("bias", bias, OP, FLOAT_DTYPES + (torch.float64,))
-    check_same_device(OP, x=x, weight=weight, bias=bias)
+        check_float("bias", bias, OP.name)
+    check_same_device(OP.name, x=x, weight=weight, bias=bias)
     if not eps >= 0.0:
         raise ValueError(f"{OP}: eps must be >= 0, got {eps}")
 
@@ -65,34 +65,32 @@ def _layer_norm_bwd_triton(
     return layer_norm_bwd(grad_y.contiguous(), x.contiguous(), weight.contiguous(), mean, rstd)
 
 
-@_layer_norm_fwd_triton.register_fake
-def _(x, weight, bias, eps):
+def _fake_fwd(x, weight, bias, eps):
     stat = x.new_empty(x.shape[:-1], dtype=torch.float32)
     return torch.empty_like(x, memory_format=torch.contiguous_format), stat, torch.empty_like(stat)
 
 
-@_layer_norm_bwd_triton.register_fake
-def _(grad_y, x, weight, mean, rstd):
-    n = x.shape[-1]
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(n, dtype=torch.float32), x.new_empty(
-        n, dtype=torch.float32
-    )
+def _fake_bwd(grad_y, x, weight, mean, rstd):
+    dw = x.new_empty(x.shape[-1], dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), dw, torch.empty_like(dw)
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, _eps = inputs
-    ctx.has_bias = bias is not None
-    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.save_for_backward(x, weight, output[1], output[2])
 
 
-def _backward(ctx, grad_y, _gm, _gr):
+def _backward(bwd, ctx, grad_y, _gm, _gr):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _layer_norm_bwd_triton(grad_y, x, weight, mean, rstd)
-    return dx, dw.to(weight.dtype), db.to(ctx.bias_dtype) if ctx.has_bias else None, None
+    dx, dw, db = bwd(grad_y, x, weight, mean, rstd)
+    return dx, dw.to(weight.dtype), None if ctx.bias_dtype is None else db.to(ctx.bias_dtype), None
 
 
-_layer_norm_fwd_triton.register_autograd(_backward, setup_context=_setup_context)
+_dispatch.register_kernels(
+    _layer_norm_fwd_triton, _layer_norm_bwd_triton, fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, backward=_backward,
+    setup_context=_setup_context,
+)  # fmt: skip
 
 
 def layer_norm(
@@ -105,7 +103,7 @@ def layer_norm(
 ) -> torch.Tensor:
     """LayerNorm over the last dim: x (..., N), weight/bias (N,) → (..., N) in x's dtype."""
     _validate(x, weight, bias, eps)
-    name = _dispatch.resolve_backend(OP, x.device, backend, implemented=BACKENDS, dtype=x.dtype)
+    name = OP.resolve(x.device, backend, dtype=x.dtype)
     if name == "triton":
         return _layer_norm_fwd_triton(x, weight, bias, float(eps))[0]
     return layer_norm_reference(x, weight, bias, eps)

@@ -1,10 +1,9 @@
 """RMSNorm (Zhang & Sennrich, 2019): ``y = x / sqrt(mean(x^2) + eps) * weight`` over the last dimension.
 
-The template op of ``intro2llm.ops``: the readable reference (the lesson's math, the test oracle, the
-fallback), then one section per fast backend — C++/CUDA kernels from ``intro2llm._C`` and the Triton kernel
-from ``intro2llm.kernels.rms_norm`` — each registered with ``torch.library`` (fake + autograd) so that
-``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` see a real op, then ``rms_norm`` that
-validates input, picks the backend (``_dispatch.resolve_backend``) and calls it.
+The worked example of the op template (``_dispatch``'s "How to add an op"): the readable reference (the
+lesson's math, the test oracle, the fallback), validation, the declaration ``OP``, the kernels of each fast
+backend — C++/CUDA from ``intro2llm._C``, Triton from ``kernels/rms_norm.py`` — registered as differentiable
+torch ops, then ``rms_norm`` that validates, resolves the backend and calls it.
 """
 
 from __future__ import annotations
@@ -12,10 +11,9 @@ from __future__ import annotations
 import torch
 
 from intro2llm.ops import _dispatch
-from intro2llm.ops._checks import FLOAT_DTYPES, check_float, check_same_device
+from intro2llm.ops._checks import check_float, check_same_device
 
-OP = "rms_norm"
-BACKENDS = ("reference", "triton", "cpp", "cuda")
+OP = _dispatch.Op("rms_norm", backends=("reference", "triton", "cpp", "cuda"), compiled="rms_norm_fwd")
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -30,8 +28,8 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6)
 
 
 def _validate(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
-    check_float("x", x, OP, FLOAT_DTYPES + (torch.float64,))
-    check_float("weight", weight, OP, FLOAT_DTYPES + (torch.float64,))
+    check_float("x", x, OP.name)
+    check_float("weight", weight, OP.name)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"{OP}: x must have a non-empty last dimension, got shape {tuple(x.shape)}")
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
@@ -39,13 +37,13 @@ def _validate(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
             f"{OP}: weight must have shape ({x.shape[-1]},) to match x of shape {tuple(x.shape)}, "
             f"got {tuple(weight.shape)}"
         )
-    check_same_device(OP, x=x, weight=weight)
+    check_same_device(OP.name, x=x, weight=weight)
     if not eps >= 0.0:
         raise ValueError(f"{OP}: eps must be >= 0, got {eps}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# C++ (CPU) and CUDA: intro2llm::rms_norm_fwd / rms_norm_bwd from csrc/, registered here with fake + autograd.
+# Kernels: one fake per kernel, one backward for every backend (it receives the backend's backward kernel).
 # ---------------------------------------------------------------------------------------------------------------
 def _fake_fwd(x, weight, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[:-1], dtype=torch.float32)
@@ -60,21 +58,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, output[1])
 
 
-def _compiled_backward(ctx, grad_y, _grad_rstd):
+def _backward(bwd, ctx, grad_y, _grad_rstd):
     x, weight, rstd = ctx.saved_tensors
-    dx, dw = torch.ops.intro2llm.rms_norm_bwd(grad_y.contiguous(), x, weight, rstd)
+    dx, dw = bwd(grad_y.contiguous(), x, weight, rstd)
     return dx, dw, None
 
 
-if _dispatch.extension_error() is None:
-    torch.library.register_fake("intro2llm::rms_norm_fwd")(_fake_fwd)
-    torch.library.register_fake("intro2llm::rms_norm_bwd")(_fake_bwd)
-    torch.library.register_autograd("intro2llm::rms_norm_fwd", _compiled_backward, setup_context=_setup_context)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Triton: kernels/rms_norm.py launched inside custom ops (triton imported lazily: it is optional).
-# ---------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("intro2llm::rms_norm_fwd_triton", mutates_args=())
 def _rms_norm_fwd_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     from intro2llm.kernels.rms_norm import rms_norm_fwd
@@ -88,18 +78,12 @@ def _rms_norm_bwd_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from intro2llm.kernels.rms_norm import rms_norm_bwd
 
-    return rms_norm_bwd(grad_y.contiguous(), x.contiguous(), weight.contiguous(), rstd.contiguous())
+    return rms_norm_bwd(grad_y, x.contiguous(), weight.contiguous(), rstd.contiguous())
 
 
-def _triton_backward(ctx, grad_y, _grad_rstd):
-    x, weight, rstd = ctx.saved_tensors
-    dx, dw = _rms_norm_bwd_triton(grad_y, x, weight, rstd)
-    return dx, dw, None
-
-
-_rms_norm_fwd_triton.register_fake(_fake_fwd)
-_rms_norm_bwd_triton.register_fake(_fake_bwd)
-_rms_norm_fwd_triton.register_autograd(_triton_backward, setup_context=_setup_context)
+_KERNELS = dict(fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, backward=_backward, setup_context=_setup_context)
+_dispatch.register_kernels("rms_norm_fwd", "rms_norm_bwd", **_KERNELS)  # C++ (CPU) and CUDA, from csrc/
+_dispatch.register_kernels(_rms_norm_fwd_triton, _rms_norm_bwd_triton, **_KERNELS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -108,9 +92,7 @@ _rms_norm_fwd_triton.register_autograd(_triton_backward, setup_context=_setup_co
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backend: str | None = None) -> torch.Tensor:
     """RMSNorm over the last dim: x (..., N) fp32/bf16/fp16, weight (N,) → (..., N) in x's dtype."""
     _validate(x, weight, eps)
-    name = _dispatch.resolve_backend(
-        OP, x.device, backend, implemented=BACKENDS, compiled_op="rms_norm_fwd", dtype=x.dtype
-    )
+    name = OP.resolve(x.device, backend, dtype=x.dtype)
     if name == "reference":
         return rms_norm_reference(x, weight, eps)
     if name == "triton":

@@ -11,9 +11,9 @@ The backward is the transpose of the rotation, i.e. RoPE with ``-sin`` (with the
 the same thing for the usual tables where both halves are equal). Gradients for ``cos``/``sin`` (rarely
 wanted: they are buffers) are computed eagerly by the fast backends when asked for.
 
-Layout follows ``intro2llm/ops/rms_norm.py``: reference → C++/CUDA op registration → Triton custom op →
-public function. Not handled: the interleaved (GPT-J, ``x[..., 0::2]``) convention, partial rotary
-(rotating only the first ``rotary_dim`` channels); pass the rotated slice yourself.
+Layout: the op template of ``_dispatch`` (worked example ``rms_norm.py``). Not handled: the interleaved (GPT-J,
+``x[..., 0::2]``) convention, partial rotary (rotating only the first ``rotary_dim`` channels); pass the rotated
+slice yourself.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ from __future__ import annotations
 import torch
 
 from intro2llm.ops import _dispatch
-from intro2llm.ops._checks import FLOAT_DTYPES, check_float, check_same_device
+from intro2llm.ops._checks import check_float, check_same_device
 
-OP = "apply_rope"
-_ALL_DTYPES = FLOAT_DTYPES + (torch.float64,)
+OP = _dispatch.Op("apply_rope", backends=("reference", "triton", "cpp", "cuda"), compiled="apply_rope_fwd")
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -62,7 +61,7 @@ def apply_rope_reference(
 
 def _validate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
-        check_float(name, t, OP, _ALL_DTYPES)
+        check_float(name, t, OP.name)
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(
             f"{OP}: q and k must be 4-D (B, H, T, D) and (B, Hkv, T, D), got q {tuple(q.shape)} and k {tuple(k.shape)}"
@@ -91,11 +90,11 @@ def _validate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
             f"{OP}: cos/sin must have shape ({T}, {D}), ({B}, {T}, {D}) or (1, {T}, {D}) for q of shape "
             f"{tuple(q.shape)}, got {shape}"
         )
-    check_same_device(OP, q=q, k=k, cos=cos, sin=sin)
+    check_same_device(OP.name, q=q, k=k, cos=cos, sin=sin)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Shared autograd glue: rope's backward is the transposed rotation of the upstream gradients (one fused call).
+# Kernels: rope's backward is the transposed rotation of the upstream gradients (one fused call).
 # ---------------------------------------------------------------------------------------------------------------
 def _fake_rope(a, b, cos, sin):
     fmt = torch.contiguous_format
@@ -123,34 +122,14 @@ def _table_grads(ctx, gq, gk):
     return dcos.to(cos.dtype), dsin.to(sin.dtype)
 
 
-def _make_backward(bwd_op):
-    def backward(ctx, gq, gk):
-        cos, sin = ctx.saved_tensors[:2]
-        dq, dk = bwd_op(gq, gk, cos, sin)  # the kernels take any strides
-        dcos, dsin = _table_grads(ctx, gq, gk)
-        return dq, dk, dcos, dsin
-
-    return backward
+def _backward(bwd, ctx, gq, gk):
+    cos, sin = ctx.saved_tensors[:2]
+    dq, dk = bwd(gq, gk, cos, sin)  # the kernels take any strides
+    dcos, dsin = _table_grads(ctx, gq, gk)
+    return dq, dk, dcos, dsin
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# C++ (CPU) and CUDA: intro2llm::apply_rope_fwd / apply_rope_bwd from csrc/, registered here with fake + autograd.
-# ---------------------------------------------------------------------------------------------------------------
-_COMPILED = _dispatch.extension_error() is None and hasattr(torch.ops.intro2llm, "apply_rope_fwd")
-
-if _COMPILED:
-    torch.library.register_fake("intro2llm::apply_rope_fwd")(_fake_rope)
-    torch.library.register_fake("intro2llm::apply_rope_bwd")(_fake_rope)
-    torch.library.register_autograd(
-        "intro2llm::apply_rope_fwd",
-        _make_backward(lambda *a: torch.ops.intro2llm.apply_rope_bwd(*a)),
-        setup_context=_setup_context,
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Triton: kernels/rope.py launched inside custom ops (triton imported lazily: it is optional).
-# ---------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("intro2llm::apply_rope_fwd_triton", mutates_args=())
 def _apply_rope_fwd_triton(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -169,20 +148,14 @@ def _apply_rope_bwd_triton(
     return rope_fwd(grad_q, grad_k, cos, sin, backward=True)
 
 
-_apply_rope_fwd_triton.register_fake(_fake_rope)
-_apply_rope_bwd_triton.register_fake(_fake_rope)
-_apply_rope_fwd_triton.register_autograd(_make_backward(_apply_rope_bwd_triton), setup_context=_setup_context)
+_KERNELS = dict(fake_fwd=_fake_rope, fake_bwd=_fake_rope, backward=_backward, setup_context=_setup_context)
+_dispatch.register_kernels("apply_rope_fwd", "apply_rope_bwd", **_KERNELS)  # C++ (CPU) and CUDA, from csrc/
+_dispatch.register_kernels(_apply_rope_fwd_triton, _apply_rope_bwd_triton, **_KERNELS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Public op
 # ---------------------------------------------------------------------------------------------------------------
-def _implemented() -> tuple[str, ...]:
-    if _dispatch.extension_error() is None and not _COMPILED:
-        return ("reference", "triton")  # extension built before this op existed: rebuild it
-    return ("reference", "triton", "cpp", "cuda")
-
-
 def apply_rope(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -193,10 +166,7 @@ def apply_rope(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE on q (B, H, T, D) and k (B, Hkv, T, D) with cos/sin (T, D) | (B, T, D) → (q_out, k_out) in q's dtype."""
     _validate(q, k, cos, sin)
-    name = _dispatch.resolve_backend(
-        OP, q.device, backend, implemented=_implemented(), compiled_op="apply_rope_fwd" if _COMPILED else None,
-        dtype=q.dtype,
-    )
+    name = OP.resolve(q.device, backend, dtype=q.dtype)
     if name == "reference":
         return apply_rope_reference(q, k, cos, sin)
     cos3, sin3 = _table_3d(cos), _table_3d(sin)

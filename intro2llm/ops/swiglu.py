@@ -11,8 +11,9 @@ Gradients: ``d gate = g * up * act'(gate)``, ``d up = g * act(gate)`` with
 with ``t = tanh(√(2/π) (x + 0.044715 x³))``. The fast backends recompute the activation in the backward
 instead of saving it (saves one (…, F) tensor).
 
-Layout follows ``intro2llm/ops/rms_norm.py``. Not handled: a single concatenated ``gate_up`` input (split it:
-``gate, up = x.chunk(2, -1)``; the views are made contiguous by the fast paths), broadcasting between gate and up.
+Layout: the op template of ``_dispatch`` (worked example ``rms_norm.py``), twice. Not handled: a single
+concatenated ``gate_up`` input (split it: ``gate, up = x.chunk(2, -1)``; the views are made contiguous by the
+fast paths), broadcasting between gate and up.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from intro2llm.ops import _dispatch
-from intro2llm.ops._checks import FLOAT_DTYPES, check_float, check_same_device
+from intro2llm.ops._checks import check_float, check_same_device
 
-_ALL_DTYPES = FLOAT_DTYPES + (torch.float64,)
+SWIGLU = _dispatch.Op("swiglu", backends=("reference", "triton", "cpp", "cuda"), compiled="swiglu_fwd")
+GEGLU = _dispatch.Op("geglu", backends=("reference", "triton", "cpp", "cuda"), compiled="geglu_fwd")
 _APPROX = ("none", "tanh")
 
 
@@ -47,8 +49,8 @@ def geglu_reference(gate: torch.Tensor, up: torch.Tensor, approximate: str = "no
 
 
 def _validate(op: str, gate: torch.Tensor, up: torch.Tensor, approximate: str | None = None) -> None:
-    check_float("gate", gate, op, _ALL_DTYPES)
-    check_float("up", up, op, _ALL_DTYPES)
+    check_float("gate", gate, op)
+    check_float("up", up, op)
     if gate.shape != up.shape:
         raise ValueError(
             f"{op}: gate and up must have the same shape, got gate {tuple(gate.shape)} and up {tuple(up.shape)}"
@@ -63,7 +65,7 @@ def _validate(op: str, gate: torch.Tensor, up: torch.Tensor, approximate: str | 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Shared autograd glue (the activation is recomputed in the backward: only gate and up are saved).
+# Kernels (the activation is recomputed in the backward: only gate and up are saved).
 # ---------------------------------------------------------------------------------------------------------------
 def _fake_out(gate, up, *args):
     return torch.empty_like(gate, memory_format=torch.contiguous_format)
@@ -76,57 +78,18 @@ def _fake_bwd(grad, gate, up, *args):
     )
 
 
-def _setup_swiglu(ctx, inputs, output):
+def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], inputs[1])
+    ctx.args = inputs[2:]  # geglu's approximate
 
 
-def _setup_geglu(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], inputs[1])
-    ctx.approximate = inputs[2]
+def _backward(bwd, ctx, grad):
+    gate, up = ctx.saved_tensors
+    dgate, dup = bwd(grad, gate, up, *ctx.args)
+    return (dgate, dup) + (None,) * len(ctx.args)
 
 
-def _swiglu_backward(bwd_op):
-    def backward(ctx, grad):
-        gate, up = ctx.saved_tensors
-        return bwd_op(grad, gate, up)
-
-    return backward
-
-
-def _geglu_backward(bwd_op):
-    def backward(ctx, grad):
-        gate, up = ctx.saved_tensors
-        dgate, dup = bwd_op(grad, gate, up, ctx.approximate)
-        return dgate, dup, None
-
-    return backward
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# C++ (CPU) and CUDA: intro2llm::{swiglu,geglu}_{fwd,bwd} from csrc/, registered here with fake + autograd.
-# ---------------------------------------------------------------------------------------------------------------
-_COMPILED = _dispatch.extension_error() is None and hasattr(torch.ops.intro2llm, "swiglu_fwd")
-
-if _COMPILED:
-    torch.library.register_fake("intro2llm::swiglu_fwd")(_fake_out)
-    torch.library.register_fake("intro2llm::swiglu_bwd")(_fake_bwd)
-    torch.library.register_fake("intro2llm::geglu_fwd")(_fake_out)
-    torch.library.register_fake("intro2llm::geglu_bwd")(_fake_bwd)
-    torch.library.register_autograd(
-        "intro2llm::swiglu_fwd",
-        _swiglu_backward(lambda *a: torch.ops.intro2llm.swiglu_bwd(*a)),
-        setup_context=_setup_swiglu,
-    )
-    torch.library.register_autograd(
-        "intro2llm::geglu_fwd",
-        _geglu_backward(lambda *a: torch.ops.intro2llm.geglu_bwd(*a)),
-        setup_context=_setup_geglu,
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Triton: kernels/swiglu.py launched inside custom ops (triton imported lazily: it is optional).
-# ---------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("intro2llm::swiglu_fwd_triton", mutates_args=())
 def _swiglu_fwd_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     from intro2llm.kernels.swiglu import glu_fwd
@@ -158,32 +121,20 @@ def _geglu_bwd_triton(
     return glu_bwd(grad.contiguous(), gate.contiguous(), up.contiguous(), act)
 
 
-_swiglu_fwd_triton.register_fake(_fake_out)
-_swiglu_bwd_triton.register_fake(_fake_bwd)
-_geglu_fwd_triton.register_fake(_fake_out)
-_geglu_bwd_triton.register_fake(_fake_bwd)
-_swiglu_fwd_triton.register_autograd(_swiglu_backward(_swiglu_bwd_triton), setup_context=_setup_swiglu)
-_geglu_fwd_triton.register_autograd(_geglu_backward(_geglu_bwd_triton), setup_context=_setup_geglu)
+_KERNELS = dict(fake_fwd=_fake_out, fake_bwd=_fake_bwd, backward=_backward, setup_context=_setup_context)
+_dispatch.register_kernels("swiglu_fwd", "swiglu_bwd", **_KERNELS)  # C++ (CPU) and CUDA, from csrc/
+_dispatch.register_kernels("geglu_fwd", "geglu_bwd", **_KERNELS)
+_dispatch.register_kernels(_swiglu_fwd_triton, _swiglu_bwd_triton, **_KERNELS)
+_dispatch.register_kernels(_geglu_fwd_triton, _geglu_bwd_triton, **_KERNELS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Public ops
 # ---------------------------------------------------------------------------------------------------------------
-def _resolve(op: str, gate: torch.Tensor, backend: str | None) -> str:
-    if _dispatch.extension_error() is None and not _COMPILED:
-        implemented: tuple[str, ...] = ("reference", "triton")  # extension built before this op existed: rebuild
-    else:
-        implemented = ("reference", "triton", "cpp", "cuda")
-    return _dispatch.resolve_backend(
-        op, gate.device, backend, implemented=implemented, compiled_op=f"{op}_fwd" if _COMPILED else None,
-        dtype=gate.dtype,
-    )
-
-
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """silu(gate) * up: gate/up (..., F) fp32/bf16/fp16 → (..., F) in their dtype."""
     _validate("swiglu", gate, up)
-    name = _resolve("swiglu", gate, backend)
+    name = SWIGLU.resolve(gate.device, backend, dtype=gate.dtype)
     if name == "reference":
         return swiglu_reference(gate, up)
     if name == "triton":
@@ -196,7 +147,7 @@ def geglu(
 ) -> torch.Tensor:
     """gelu(gate, approximate) * up: gate/up (..., F) fp32/bf16/fp16, approximate "none" | "tanh" → (..., F)."""
     _validate("geglu", gate, up, approximate)
-    name = _resolve("geglu", gate, backend)
+    name = GEGLU.resolve(gate.device, backend, dtype=gate.dtype)
     if name == "reference":
         return geglu_reference(gate, up, approximate)
     if name == "triton":
