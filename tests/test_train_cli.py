@@ -34,8 +34,8 @@ def test_cli_module_does_not_import_torch():
 
 
 def test_train_synthetic_outputs_load_for_evaluation(tmp_path, micro_config):
+    from intro2llm.data.prepare import load_tokenizer
     from intro2llm.model.causal_lm import CausalLM
-    from intro2llm.training.pretrain_trainer import load_tokenizer
 
     out = tmp_path / "run"
     assert train(out, micro_config, "--accuracy-samples", "4", "--eval-every", "2") == 0

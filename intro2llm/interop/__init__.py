@@ -4,8 +4,11 @@ from intro2llm.interop.hf import (
     SUPPORTED_MODEL_TYPES,
     config_from_hf,
     config_to_hf,
+    export_model,
     load_pretrained,
     save_pretrained,
 )
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "config_from_hf", "config_to_hf", "load_pretrained", "save_pretrained"]
+__all__ = [
+    "SUPPORTED_MODEL_TYPES", "config_from_hf", "config_to_hf", "export_model", "load_pretrained", "save_pretrained",
+]

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from intro2llm._io import atomic_write
+from intro2llm.model.causal_lm import CausalLM
 from intro2llm.model.config import ModelConfig
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
@@ -202,8 +203,6 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None):
     """``CausalLM`` from a Hugging Face-format directory; errors list missing/unexpected/mismatched tensors."""
-    from intro2llm.model.causal_lm import CausalLM
-
     directory = Path(path)
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
@@ -276,3 +275,15 @@ def save_pretrained(model, path: str | os.PathLike, model_type: str | None = Non
         (directory / SAFE_NAME).unlink(missing_ok=True)  # the loader prefers a single file: drop a stale one
         atomic_write(directory / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True))
     atomic_write(directory / "config.json", json.dumps(hf_cfg, indent=2, sort_keys=True))
+
+
+def export_model(model, out_dir: str | os.PathLike, tokenizer: Any | None = None) -> None:
+    """Write ``out_dir`` in the layout evaluation reads: ``save_pretrained`` files + ``tokenizer.json``."""
+    from intro2llm.data.prepare import TOKENIZER_FILE
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save(out_dir / TOKENIZER_FILE)

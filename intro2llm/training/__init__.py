@@ -16,7 +16,7 @@ _EXPORTS = {
     "NonFiniteLossError": "intro2llm.training.trainer",
     "PretrainTrainer": "intro2llm.training.pretrain_trainer",
     "PretrainBatches": "intro2llm.training.pretrain_trainer",
-    "export_model": "intro2llm.training.pretrain_trainer",
+    "export_model": "intro2llm.interop.hf",
     "save_checkpoint": "intro2llm.training.checkpoint",
     "load_checkpoint": "intro2llm.training.checkpoint",
     "latest_checkpoint": "intro2llm.training.checkpoint",

@@ -8,7 +8,7 @@
 
 ``DIR`` receives ``data/`` (tokenizer-ready shards), ``checkpoints/``, ``metrics.jsonl``, ``tb/`` and, at the end,
 ``config.json`` + ``model.safetensors`` + ``tokenizer.json``, loadable with ``CausalLM.from_pretrained(DIR)`` and
-``intro2llm.training.pretrain_trainer.load_tokenizer(DIR)``. This module imports no torch at the top level (the CLI
+``intro2llm.data.prepare.load_tokenizer(DIR)``. This module imports no torch at the top level (the CLI
 lists commands quickly); the handler imports what it needs.
 """
 
@@ -104,13 +104,13 @@ def _prepare(args, info):  # noqa: ANN001, ANN202
     from pathlib import Path
 
     from intro2llm._io import atomic_write
+    from intro2llm.data import prepare as prep
     from intro2llm.data.pretrain_dataset import INDEX_FILE, DataPathError, read_text_documents
-    from intro2llm.training import pretrain_trainer as pt
     from intro2llm.training.distributed import barrier, broadcast_object
 
     out = Path(args.out)
     data_dir = out / "data"
-    tok_path = out / pt.TOKENIZER_FILE
+    tok_path = out / prep.TOKENIZER_FILE
     is_shard_dir = args.data not in ("synthetic", "stdlib") and (Path(args.data) / INDEX_FILE).exists()
     source = {"data": args.data, "seed": args.seed, "vocab_size": args.vocab_size, "max_bytes": args.max_bytes,
               "synthetic_docs": args.synthetic_docs}
@@ -123,11 +123,11 @@ def _prepare(args, info):  # noqa: ANN001, ANN202
             out.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
             if args.data == "synthetic":
-                tok = pt.prepare_synthetic(data_dir, num_train=args.synthetic_docs, seed=args.seed)
+                tok = prep.prepare_synthetic(data_dir, num_train=args.synthetic_docs, seed=args.seed)
             elif args.data == "stdlib":
                 from intro2llm.data.corpora import python_stdlib
 
-                tok = pt.prepare_text(python_stdlib(args.max_bytes), data_dir, vocab_size=args.vocab_size)
+                tok = prep.prepare_text(python_stdlib(args.max_bytes), data_dir, vocab_size=args.vocab_size)
             else:
                 docs, size = [], 0
                 for d in read_text_documents(args.data):
@@ -135,7 +135,7 @@ def _prepare(args, info):  # noqa: ANN001, ANN202
                     size += len(d)
                     if size >= args.max_bytes:
                         break
-                tok = pt.prepare_text(docs, data_dir, vocab_size=args.vocab_size)
+                tok = prep.prepare_text(docs, data_dir, vocab_size=args.vocab_size)
             tok.save(tok_path)
             atomic_write(source_file, json.dumps(source))
             print(f"data: {args.data} -> {data_dir} ({time.perf_counter() - t0:.1f}s, vocab {tok.vocab_size})",
@@ -149,13 +149,13 @@ def _prepare(args, info):  # noqa: ANN001, ANN202
     if is_shard_dir:
         src = Path(args.data)
         tokenizer = None
-        for cand in (src / pt.TOKENIZER_FILE, src.parent / pt.TOKENIZER_FILE):
+        for cand in (src / prep.TOKENIZER_FILE, src.parent / prep.TOKENIZER_FILE):
             if cand.exists():
-                tokenizer = pt.load_tokenizer(cand)
+                tokenizer = prep.load_tokenizer(cand)
                 break
         return src, Path(args.eval_data) if args.eval_data else None, tokenizer
     val = Path(args.eval_data) if args.eval_data else data_dir / "val"
-    return data_dir / "train", val if (val / INDEX_FILE).exists() else None, pt.load_tokenizer(tok_path)
+    return data_dir / "train", val if (val / INDEX_FILE).exists() else None, prep.load_tokenizer(tok_path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -196,9 +196,10 @@ def _train(args: argparse.Namespace, info: DistInfo, out: Path) -> int:
     import torch
 
     from intro2llm.data.pretrain_dataset import PretrainDataset, load_index
+    from intro2llm.evaluation.accuracy import synthetic_accuracy
     from intro2llm.model.causal_lm import CausalLM
-    from intro2llm.training import pretrain_trainer as pt
     from intro2llm.training.checkpoint import CheckpointError
+    from intro2llm.training.pretrain_trainer import PretrainTrainer
     from intro2llm.training.trainer import NonFiniteLossError, TrainerConfig
 
     try:
@@ -222,7 +223,7 @@ def _train(args: argparse.Namespace, info: DistInfo, out: Path) -> int:
         extra={"model_config": args.config, "data": args.data, "seq_len": args.seq_len, "seed": args.seed},
     )
     try:
-        trainer = pt.PretrainTrainer(model, tc, ds, eval_dataset=val_ds, eval_batches=args.eval_batches,
+        trainer = PretrainTrainer(model, tc, ds, eval_dataset=val_ds, eval_batches=args.eval_batches,
                                      tokenizer=tokenizer, dist_info=info)
     except ValueError as exc:
         return _fail(str(exc))
@@ -252,7 +253,7 @@ def _train(args: argparse.Namespace, info: DistInfo, out: Path) -> int:
         if trainer.last_eval is not None:
             summary["eval_loss"] = round(trainer.last_eval, 4)
         if args.data == "synthetic" and args.accuracy_samples > 0:
-            summary["accuracy"] = pt.synthetic_accuracy(trainer.raw_model, tokenizer, n=args.accuracy_samples)
+            summary["accuracy"] = synthetic_accuracy(trainer.raw_model, tokenizer, n=args.accuracy_samples)
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         print(json.dumps(summary))
     return 0

@@ -7,8 +7,10 @@ its G/W rows; its position is the only data state a checkpoint needs). Each wind
 window are trained (feeding T tokens would drop the last target), and ``return_logits=False`` makes it use the
 fused linear + cross-entropy op, so the (B, T, V) logits are never materialised.
 
-At the end rank 0 writes an evaluation-ready directory: ``model.save_pretrained(out_dir)`` (Hugging Face layout)
-plus ``tokenizer.json`` when a tokenizer is given, so ``CausalLM.from_pretrained(out_dir)`` works.
+At the end rank 0 writes an evaluation-ready directory (``interop.hf.export_model``: ``save_pretrained`` files
+plus ``tokenizer.json`` when a tokenizer is given), so ``CausalLM.from_pretrained(out_dir)`` works. Data
+preparation for the ``train`` command lives in ``intro2llm.data.prepare``, accuracy on the synthetic task in
+``intro2llm.evaluation.accuracy``.
 Not handled: document-masked attention, data mixtures.
 """
 
@@ -20,10 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from intro2llm.interop.hf import export_model
 from intro2llm.training.distributed import DistInfo, init_distributed
 from intro2llm.training.trainer import Trainer, TrainerConfig
-
-TOKENIZER_FILE = "tokenizer.json"
 
 
 class PretrainBatches:
@@ -124,114 +125,3 @@ class PretrainTrainer(Trainer):
         else:
             model = self.raw_model
         export_model(model, self.out_dir, self.tokenizer)
-
-
-def export_model(model: nn.Module, out_dir: Any, tokenizer: Any | None = None) -> None:
-    """Write ``out_dir`` in the layout evaluation reads: ``save_pretrained`` files + ``tokenizer.json``."""
-    from pathlib import Path
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(out_dir)
-    if tokenizer is not None:
-        tokenizer.save(out_dir / TOKENIZER_FILE)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Data preparation for the ``train`` command: text → tokenizer → shards in ``out_dir/data``
-# ---------------------------------------------------------------------------------------------------------------
-EOS_TOKEN = "<|endoftext|>"
-
-
-def load_tokenizer(path: Any) -> Any:
-    """The tokenizer of a run directory (``DIR/tokenizer.json``, intro2llm format) or of a file."""
-    from pathlib import Path
-
-    from intro2llm.tokenizer import BaseTokenizer
-
-    path = Path(path)
-    return BaseTokenizer.load(path / TOKENIZER_FILE if path.is_dir() else path)
-
-
-def synthetic_tokenizer(docs: list[str]) -> Any:
-    """A character-level tokenizer for the synthetic tasks: one id per character seen, plus ``<unk>`` and EOS.
-
-    No merges on purpose: each digit stays its own token, so the model learns arithmetic digit by digit and the
-    vocabulary (~25 ids) keeps the embedding and the output layer negligible.
-    """
-    from intro2llm.tokenizer import BPETokenizer
-
-    alphabet = set().union(*map(set, docs))
-    tok = BPETokenizer()
-    return tok.train(docs, vocab_size=len(alphabet) + 2, special_tokens=[EOS_TOKEN], eos_token=EOS_TOKEN,
-                     min_frequency=1)
-
-
-def prepare_synthetic(data_dir: Any, num_train: int = 50_000, num_val: int = 1_000, seed: int = 0) -> Any:
-    """Arithmetic documents (``intro2llm.data.synthetic``) → tokenizer + ``train``/``val`` shards. Returns the
-    tokenizer. Validation problems come from another seed (a few may coincide with training ones: with 1-2 digit
-    operands there are only ~30k distinct problems)."""
-    from pathlib import Path
-
-    from intro2llm.data import synthetic
-    from intro2llm.data.pretrain_dataset import write_shards
-
-    data_dir = Path(data_dir)
-    train_docs = list(synthetic.pretrain_documents(num_train, seed=seed))
-    val_docs = list(synthetic.pretrain_documents(num_val, seed=seed + 1_000_000))
-    tok = synthetic_tokenizer(train_docs + val_docs)
-    write_shards(train_docs, tok, data_dir / "train")
-    write_shards(val_docs, tok, data_dir / "val")
-    return tok
-
-
-def prepare_text(docs: Any, data_dir: Any, vocab_size: int = 4096, tokenizer_bytes: int = 2_000_000,
-                 val_every: int = 20) -> Any:
-    """Text documents → a byte-level BPE tokenizer (trained on the first ``tokenizer_bytes`` of text) and
-    ``train``/``val`` shards (every ``val_every``-th document is held out). Returns the tokenizer."""
-    from pathlib import Path
-
-    from intro2llm.data.pretrain_dataset import DataPathError, write_shards
-    from intro2llm.tokenizer import ByteLevelBPETokenizer
-
-    data_dir = Path(data_dir)
-    docs = [d for d in docs if d.strip()]
-    if not docs:
-        raise DataPathError("the text data holds no non-empty documents")
-    sample, size = [], 0
-    for d in docs:
-        sample.append(d)
-        size += len(d)
-        if size >= tokenizer_bytes:
-            break
-    tok = ByteLevelBPETokenizer().train(sample, vocab_size=vocab_size, special_tokens=[EOS_TOKEN],
-                                        eos_token=EOS_TOKEN)
-    val = docs[::val_every] if len(docs) >= 2 * val_every else []
-    train = [d for i, d in enumerate(docs) if not (val and i % val_every == 0)]
-    write_shards(train, tok, data_dir / "train")
-    if val:
-        write_shards(val, tok, data_dir / "val")
-    return tok
-
-
-@torch.no_grad()
-def synthetic_accuracy(model: nn.Module, tokenizer: Any, n: int = 200, seed: int = 12345,
-                       batch_size: int = 50) -> float:
-    """Exact-match accuracy of greedy answers on ``n`` fresh synthetic problems (``synthetic.accuracy``)."""
-    from intro2llm.data import synthetic
-
-    pairs = synthetic.prompts_and_answers(n, seed=seed)
-    prompts = [p for p, _ in pairs]
-    pad = tokenizer.eos_token_id
-    completions: list[str] = []
-    model.eval()
-    device = next(model.parameters()).device
-    for i in range(0, n, batch_size):
-        chunk = [tokenizer.encode(p) for p in prompts[i:i + batch_size]]
-        width = max(map(len, chunk))
-        ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=device)
-        out = model.generate(ids, max_new_tokens=8, attention_mask=mask, eos_token_id=pad)
-        completions += [tokenizer.decode(row[width:].tolist()) for row in out]
-    return synthetic.accuracy(prompts, completions)

@@ -1,0 +1,81 @@
+"""Data preparation for the ``train`` command: text → tokenizer → token shards in ``data_dir/{train,val}``.
+
+``prepare_synthetic`` (the arithmetic task of ``data.synthetic`` with a character-level tokenizer) and
+``prepare_text`` (any documents, byte-level BPE) both return the tokenizer they trained; a run directory keeps
+it as ``tokenizer.json`` (``TOKENIZER_FILE``), read back by ``load_tokenizer``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+TOKENIZER_FILE = "tokenizer.json"
+EOS_TOKEN = "<|endoftext|>"
+
+
+def load_tokenizer(path: Any) -> Any:
+    """The tokenizer of a run directory (``DIR/tokenizer.json``, intro2llm format) or of a file."""
+    from intro2llm.tokenizer import BaseTokenizer
+
+    path = Path(path)
+    return BaseTokenizer.load(path / TOKENIZER_FILE if path.is_dir() else path)
+
+
+def synthetic_tokenizer(docs: list[str]) -> Any:
+    """A character-level tokenizer for the synthetic tasks: one id per character seen, plus ``<unk>`` and EOS.
+
+    No merges on purpose: each digit stays its own token, so the model learns arithmetic digit by digit and the
+    vocabulary (~25 ids) keeps the embedding and the output layer negligible.
+    """
+    from intro2llm.tokenizer import BPETokenizer
+
+    alphabet = set().union(*map(set, docs))
+    tok = BPETokenizer()
+    return tok.train(docs, vocab_size=len(alphabet) + 2, special_tokens=[EOS_TOKEN], eos_token=EOS_TOKEN,
+                     min_frequency=1)
+
+
+def prepare_synthetic(data_dir: Any, num_train: int = 50_000, num_val: int = 1_000, seed: int = 0) -> Any:
+    """Arithmetic documents (``intro2llm.data.synthetic``) → tokenizer + ``train``/``val`` shards. Returns the
+    tokenizer. Validation problems come from another seed (a few may coincide with training ones: with 1-2 digit
+    operands there are only ~30k distinct problems)."""
+    from intro2llm.data import synthetic
+    from intro2llm.data.pretrain_dataset import write_shards
+
+    data_dir = Path(data_dir)
+    train_docs = list(synthetic.pretrain_documents(num_train, seed=seed))
+    val_docs = list(synthetic.pretrain_documents(num_val, seed=seed + 1_000_000))
+    tok = synthetic_tokenizer(train_docs + val_docs)
+    write_shards(train_docs, tok, data_dir / "train")
+    write_shards(val_docs, tok, data_dir / "val")
+    return tok
+
+
+def prepare_text(docs: Any, data_dir: Any, vocab_size: int = 4096, tokenizer_bytes: int = 2_000_000,
+                 val_every: int = 20) -> Any:
+    """Text documents → a byte-level BPE tokenizer (trained on the first ``tokenizer_bytes`` of text) and
+    ``train``/``val`` shards (every ``val_every``-th document is held out). Returns the tokenizer."""
+    from intro2llm.data.pretrain_dataset import DataPathError, write_shards
+    from intro2llm.tokenizer import ByteLevelBPETokenizer
+
+    data_dir = Path(data_dir)
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise DataPathError("the text data holds no non-empty documents")
+    sample, size = [], 0
+    for d in docs:
+        sample.append(d)
+        size += len(d)
+        if size >= tokenizer_bytes:
+            break
+    tok = ByteLevelBPETokenizer().train(sample, vocab_size=vocab_size, special_tokens=[EOS_TOKEN],
+                                        eos_token=EOS_TOKEN)
+    val = docs[::val_every] if len(docs) >= 2 * val_every else []
+    train = [d for i, d in enumerate(docs) if not (val and i % val_every == 0)]
+    write_shards(train, tok, data_dir / "train")
+    if val:
+        write_shards(val, tok, data_dir / "val")
+    return tok
+
+
