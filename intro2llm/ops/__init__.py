@@ -21,6 +21,7 @@ from intro2llm.ops.fused_linear_cross_entropy import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_reference,
 )
+from intro2llm.ops.fused_linear_logprobs import fused_linear_logprobs, fused_linear_logprobs_reference
 from intro2llm.ops.layer_norm import layer_norm, layer_norm_reference
 from intro2llm.ops.rms_norm import rms_norm, rms_norm_reference
 from intro2llm.ops.rope import apply_rope, apply_rope_reference
@@ -41,6 +42,8 @@ __all__ = [
     "flash_attention_tiled_reference",
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_reference",
+    "fused_linear_logprobs",
+    "fused_linear_logprobs_reference",
     "geglu",
     "geglu_reference",
     "layer_norm",
