@@ -28,8 +28,9 @@ from intro2llm.ops._checks import check_float, check_same_device
 from intro2llm.ops.cross_entropy import check_targets, fwd_and_bwd, fwd_bwd_inplace
 from intro2llm.ops.fused_linear_cross_entropy import _accumulate, _chunk_logits, default_chunk_size
 
-OP = "fused_linear_logprobs"
-BACKENDS = ("reference", "triton", "cpp", "cuda")
+OP = _dispatch.Op(  # the fast paths are torch GEMMs around the cross_entropy kernels of the chosen backend
+    "fused_linear_logprobs", backends=("reference", "triton", "cpp", "cuda"), compiled="cross_entropy_fwd"
+)
 
 
 def fused_linear_logprobs_reference(
@@ -52,9 +53,8 @@ def fused_linear_logprobs_reference(
 
 
 def _validate(hidden, weight, targets, temperature, chunk_size) -> None:
-    dtypes = _dispatch.FAST_DTYPES + (torch.float64,)
-    check_float("hidden", hidden, OP, dtypes)
-    check_float("weight", weight, OP, dtypes)
+    check_float("hidden", hidden, OP.name)
+    check_float("weight", weight, OP.name)
     if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{OP}: targets must be an int64 (or int32) tensor, got "
                         f"{getattr(targets, 'dtype', type(targets).__name__)}")
@@ -66,7 +66,7 @@ def _validate(hidden, weight, targets, temperature, chunk_size) -> None:
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"{OP}: targets shape {tuple(targets.shape)} must equal hidden shape without its last "
                          f"dimension {tuple(hidden.shape[:-1])} (hidden {tuple(hidden.shape)})")
-    check_same_device(OP, hidden=hidden, weight=weight, targets=targets)
+    check_same_device(OP.name, hidden=hidden, weight=weight, targets=targets)
     if not isinstance(temperature, (int, float)) or not temperature > 0 or temperature == float("inf"):
         raise ValueError(f"{OP}: temperature must be a finite number > 0, got {temperature!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -87,7 +87,7 @@ def _fllp_fwd(
     backend: str,
 ) -> torch.Tensor:
     """hidden (N, H), weight (V, H), targets (N,) → log p (N,) fp32 (0 where ignored)."""
-    check_targets(targets, weight.shape[0], ignore_index, OP)
+    check_targets(targets, weight.shape[0], ignore_index, OP.name)
     ce_fwd, _ = fwd_and_bwd(backend)
     w = weight.to(hidden.dtype)
     inv_t = 1.0 / temperature
@@ -105,8 +105,7 @@ def _fllp_fwd(
     return torch.cat(out)
 
 
-@_fllp_fwd.register_fake
-def _(hidden, weight, targets, ignore_index, temperature, chunk_size, backend):
+def _fllp_fake_fwd(hidden, weight, targets, ignore_index, temperature, chunk_size, backend):
     return hidden.new_empty(hidden.shape[:1], dtype=torch.float32)
 
 
@@ -148,8 +147,7 @@ def _fllp_bwd(
     return grad_hidden, gw32.to(weight.dtype)
 
 
-@_fllp_bwd.register_fake
-def _(grad_logp, hidden, weight, targets, ignore_index, temperature, chunk_size, backend):
+def _fllp_fake_bwd(grad_logp, hidden, weight, targets, ignore_index, temperature, chunk_size, backend):
     return torch.empty_like(hidden), torch.empty_like(weight)
 
 
@@ -159,13 +157,16 @@ def _fllp_setup_context(ctx, inputs, output):
     ctx.params = (ignore_index, temperature, chunk_size, backend)
 
 
-def _fllp_backward(ctx, grad_logp):
+def _fllp_backward(bwd, ctx, grad_logp):
     hidden, weight, targets = ctx.saved_tensors
-    gh, gw = _fllp_bwd(grad_logp, hidden, weight, targets, *ctx.params)
+    gh, gw = bwd(grad_logp, hidden, weight, targets, *ctx.params)
     return gh, gw, None, None, None, None, None
 
 
-_fllp_fwd.register_autograd(_fllp_backward, setup_context=_fllp_setup_context)
+_dispatch.register_kernels(
+    _fllp_fwd, _fllp_bwd, fake_fwd=_fllp_fake_fwd, fake_bwd=_fllp_fake_bwd, backward=_fllp_backward,
+    setup_context=_fllp_setup_context,
+)
 
 
 def fused_linear_logprobs(
@@ -191,10 +192,9 @@ def fused_linear_logprobs(
             return fused_linear_logprobs(hidden.to(torch.get_autocast_dtype(device_type)), weight, targets,
                                          ignore_index=ignore_index, temperature=temperature, chunk_size=chunk_size,
                                          backend=backend)
-    name = _dispatch.resolve_backend(OP, hidden.device, backend, implemented=BACKENDS,
-                                     compiled_op="cross_entropy_fwd", dtype=hidden.dtype)
+    name = OP.resolve(hidden.device, backend, dtype=hidden.dtype)
     if name == "reference":
-        check_targets(targets, weight.shape[0], ignore_index, OP)
+        check_targets(targets, weight.shape[0], ignore_index, OP.name)
         return fused_linear_logprobs_reference(hidden, weight, targets, ignore_index, temperature)
     H, V = hidden.shape[-1], weight.shape[0]
     h = hidden.reshape(-1, H).contiguous()  # (N, H)
