@@ -16,6 +16,7 @@ _COMMAND_MODULES = (
     "intro2llm.model.cli",
     "intro2llm.training.cli",
     "intro2llm.training.sft_cli",
+    "intro2llm.training.dpo_cli",
     "intro2llm.training.rl_cli",
     "intro2llm.evaluation.cli",
 )

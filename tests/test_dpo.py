@@ -133,3 +133,32 @@ def test_reference_free_and_resume(tok, tmp_path):
     again.resume()
     rest = again.train()
     assert [r["loss"] for r in rest] == pytest.approx([r["loss"] for r in full[2:]], abs=1e-6)
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------------
+def test_cli_synthetic_run_resume_and_errors(tok, tmp_path, capsys):
+    from intro2llm.cli import main
+
+    ckpt = tmp_path / "ckpt"
+    _model(tok).save_pretrained(ckpt)
+    tok.save(ckpt / "tokenizer.json")
+    out = tmp_path / "dpo"
+    common = ["dpo", "--ckpt", str(ckpt), "--data", "synthetic", "--out", str(out), "--num-train", "32",
+              "--batch-size", "4", "--accuracy-samples", "4", "--no-progress", "--no-tensorboard", "--device", "cpu",
+              "--lr", "1e-3", "--save-every", "2"]
+    assert main(common + ["--steps", "2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"eval_before", "eval_after", "accuracy_before", "accuracy_after"} <= set(summary)
+    assert summary["eval_before"]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)  # policy == reference
+    assert (out / "model.safetensors").exists() and len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert main(common + ["--steps", "3", "--resume"]) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    capsys.readouterr()
+    assert main(common + ["--steps", "3"]) == 2  # a run is already there
+    assert "--resume" in capsys.readouterr().err
+    assert main(["dpo", "--ckpt", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+    assert "checkpoint directory not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "Q: 1+1=?\nA:", "chosen": " 2\n", "rejected": " 2\n"}) + "\n")
+    assert main(["dpo", "--ckpt", str(ckpt), "--data", str(bad), "--out", str(tmp_path / "y")]) == 2
+    assert "chosen equals rejected" in capsys.readouterr().err

@@ -182,6 +182,38 @@ class DPOTrainer(Trainer):
             out[k] = sum(values) / len(values)
         return out
 
+    @torch.no_grad()
+    def preference_metrics(self, dataset: DPODataset, split: str = "eval") -> dict[str, float]:
+        """Loss and ``rewards/*`` metrics of the current policy over a whole dataset (e.g. held-out pairs), with the
+        live reference, the reference log-probs precomputed for ``split``, or none (``reference_free``)."""
+        was_training = self.model.training
+        self.model.eval()
+        parts: dict[str, list[torch.Tensor]] = defaultdict(list)
+        table = self.ref_logps.get(split)
+        if not self.loss_fn.reference_free and self.ref_model is None and table is None:
+            raise ValueError(f"no reference for {split!r}: the reference log-probs were precomputed for "
+                             f"{sorted(self.ref_logps)} only")
+        step = max(1, self.micro_batch_size)
+        for i in range(0, len(dataset), step):
+            batch = self._to_device(collate([dataset[j] for j in range(i, min(i + step, len(dataset)))],
+                                            self.pad_id))
+            with self._autocast():
+                pc, pr, lc, lr = self._logps(self.model, batch, with_lengths=True)
+                if self.ref_model is not None and not self.loss_fn.reference_free:
+                    rc, rr = self._logps(self.ref_model, batch)
+                elif table is not None:
+                    idx = batch["index"].cpu()
+                    rc, rr = table["chosen"][idx], table["rejected"][idx]
+                else:
+                    rc, rr = torch.zeros_like(pc), torch.zeros_like(pr)
+            for k, v in (("pc", pc), ("pr", pr), ("rc", rc), ("rr", rr), ("lc", lc), ("lr", lr)):
+                parts[k].append(v.detach().float().cpu())
+        cat = {k: torch.cat(v) for k, v in parts.items()}
+        loss, metrics = self.loss_fn(cat["pc"], cat["pr"], cat["rc"], cat["rr"], chosen_lengths=cat["lc"],
+                                     rejected_lengths=cat["lr"])
+        self.model.train(was_training)
+        return {"loss": loss.item(), **metrics}
+
     def on_train_end(self) -> None:
         if self.out_dir is None or not self.info.is_main:
             return
