@@ -25,8 +25,10 @@ Tokenization: ``encode_conversation`` encodes the rendered *segments* one by one
 template's special tokens allowed, message content with every special token *disallowed*, so a user who types
 ``<|im_end|>`` gets a ``ValueError`` instead of a forged turn) and concatenates the ids. Hence the prompt ids
 (``encode_prompt``, with the generation prompt) are always an exact prefix of the training ids of the same
-conversation; with pre-tokenizers that split at these boundaries anyway (character-level, GPT-2 byte-level at
-special tokens and ``\\n``) the ids also equal encoding the whole rendered text.
+conversation. Where the pre-tokenizer splits at these boundaries anyway (character-level; GPT-2 byte-level for
+ChatML and plain) the ids also equal Hugging Face's whole-text ``apply_chat_template`` ids (tested); Llama-2's
+``"[INST] "`` ends in a space that whole-text BPE merges into the next word, so there the ids differ at that seam
+(the reason TRL, too, tokenizes prompt and completion separately).
 
 Special tokens: ``ensure_special_tokens(tokenizer, template)`` appends the template's special tokens that the
 tokenizer lacks (they are then saved by ``tokenizer.save`` in ``tokenizer.json``); the model's embedding must
