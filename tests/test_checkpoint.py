@@ -142,3 +142,128 @@ def test_loading_refuses_pickled_code(tmp_path):
     (path / ck.META_FILE).write_text(json.dumps(meta))
     with pytest.raises(ck.CheckpointError, match="trainer.pt could not be read"):
         ck.load_checkpoint(path)
+
+
+def _rewrite_meta(path, change):
+    meta = json.loads((path / ck.META_FILE).read_text())
+    change(meta)
+    (path / ck.META_FILE).write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("case,message", [
+    ("files_empty", "'files' lists \\[\\], expected exactly"),
+    ("files_no_optimizer", "'files' lists \\['model.safetensors', 'trainer.pt'\\]"),
+    ("files_list", "'files' must be an object, got list"),
+    ("bytes_str", "'bytes' of model.safetensors must be an int"),
+    ("sha_short", "'sha256' of optimizer.pt must be 64"),
+    ("entry_null", "entry for trainer.pt must be"),
+    ("step_str", "'step' must be an int >= 0, got '1'"),
+    ("step_bool", "'step' must be an int >= 0, got True"),
+    ("step_other_dir", "'step' is 7 but the directory is step_00000001"),
+    ("version", "format_version is 2"),
+    ("not_object", "expected a JSON object, got list"),
+    ("not_json", "not valid JSON"),
+    ("deep_json", "not valid JSON"),
+])
+def test_meta_json_is_validated(tmp_path, case, message):
+    path = _save(tmp_path, 1, _model())
+    edits = {
+        "files_empty": lambda m: m.update(files={}),
+        "files_no_optimizer": lambda m: m["files"].pop(ck.OPTIMIZER_FILE),
+        "files_list": lambda m: m.update(files=list(m["files"])),
+        "bytes_str": lambda m: m["files"][ck.MODEL_FILE].update(bytes="12"),
+        "sha_short": lambda m: m["files"][ck.OPTIMIZER_FILE].update(sha256="abc"),
+        "entry_null": lambda m: m["files"].update({ck.TRAINER_FILE: None}),
+        "step_str": lambda m: m.update(step="1"),
+        "step_bool": lambda m: m.update(step=True),
+        "step_other_dir": lambda m: m.update(step=7),
+        "version": lambda m: m.update(format_version=2),
+    }
+    if case in edits:
+        _rewrite_meta(path, edits[case])
+    else:
+        text = {"not_object": "[1, 2]", "not_json": "{", "deep_json": "[" * 100000 + "]" * 100000}[case]
+        (path / ck.META_FILE).write_text(text)
+    with pytest.raises(ck.CheckpointError, match=f"meta.json is corrupt: {message}"):
+        ck.load_checkpoint(path)
+    best, damaged = ck.latest_intact_checkpoint(tmp_path)
+    assert best is None and damaged[0][0] == path
+
+
+def test_optimizer_file_always_written_and_trainer_step_checked(tmp_path):
+    path = ck.save_checkpoint(tmp_path, 3, {"w": torch.zeros(2)}, None, {"x": 1})
+    assert (path / ck.OPTIMIZER_FILE).is_file() and ck.load_checkpoint(path).optimizer_state is None
+    bad = path / ck.TRAINER_FILE
+    torch.save({"step": 4, "x": 1}, bad)
+    _rewrite_meta(path, lambda m: m["files"].update({ck.TRAINER_FILE: {"bytes": bad.stat().st_size,
+                                                                        "sha256": ck._sha256(bad)}}))
+    with pytest.raises(ck.CheckpointError, match="trainer.pt does not match meta.json: step 4, expected 3"):
+        ck.load_checkpoint(path)
+    with pytest.raises(ValueError, match="step must be an int"):
+        ck.save_checkpoint(tmp_path, -1, {"w": torch.zeros(2)}, None, {})
+
+
+def test_latest_intact_skips_a_damaged_newest(tmp_path):
+    m = _model()
+    _save(tmp_path, 1, m)
+    newest = _save(tmp_path, 2, m)
+    (newest / ck.OPTIMIZER_FILE).write_bytes(b"garbage")
+    best, damaged = ck.latest_intact_checkpoint(tmp_path)
+    assert best.name == "step_00000001"
+    assert [p.name for p, _ in damaged] == ["step_00000002"] and "optimizer.pt is corrupt" in damaged[0][1]
+
+
+@pytest.mark.parametrize("stage", ["backed-up", "swapped"])
+def test_resave_of_a_step_survives_a_crash_at_every_point(tmp_path, stage):
+    """Re-saving step 2 (as a resumed, finished run does), killed between the renames: step 2 is still found
+    complete (old or new copy), and a later save with keep_last=1 keeps a complete checkpoint."""
+    script = textwrap.dedent(f"""
+        import os, torch
+        from intro2llm.training import checkpoint as ck
+        root = {str(tmp_path)!r}
+        ck.save_checkpoint(root, 2, {{"w": torch.zeros(3)}}, None, {{}})
+        def crash(stage):
+            if stage == {stage!r}:
+                os._exit(3)  # no clean-up runs: as a kill would leave it
+        ck._resave_hook = crash
+        ck.save_checkpoint(root, 2, {{"w": torch.ones(3)}}, None, {{}})
+    """)
+    assert subprocess.run([sys.executable, "-c", script]).returncode == 3
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step_00000002"]
+    c = ck.load_checkpoint(ck.latest_checkpoint(tmp_path))
+    assert float(c.model_state["w"][0]) == (0.0 if stage == "backed-up" else 1.0)
+    ck.save_checkpoint(tmp_path, 3, {"w": torch.full((3,), 2.0)}, None, {}, keep_last=1)
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step_00000003"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003"]
+    # and a re-save that is not interrupted leaves exactly the new copy
+    ck.save_checkpoint(tmp_path, 3, {"w": torch.full((3,), 5.0)}, None, {}, keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003"]
+    assert float(ck.load_checkpoint(tmp_path / "step_00000003").model_state["w"][0]) == 5.0
+
+
+def test_cli_resume_uses_the_newest_intact_checkpoint(tmp_path, capsys):
+    from intro2llm.cli import main
+    from intro2llm.training.logging import read_metrics
+
+    cfg = tmp_path / "micro.json"
+    cfg.write_text(json.dumps({"vocab_size": 8, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}))
+    out = tmp_path / "run"
+
+    def train(*extra, steps):
+        return main(["train", "--config", str(cfg), "--out", str(out), "--steps", str(steps), "--batch-size", "2",
+                     "--seq-len", "8", "--synthetic-docs", "100", "--no-progress", "--no-tensorboard",
+                     "--precision", "fp32", "--accuracy-samples", "0", "--warmup", "1", "--save-every", "1",
+                     "--keep", "2", *extra])
+
+    assert train(steps=3) == 0
+    bad = out / "checkpoints" / "step_00000003" / ck.META_FILE
+    _rewrite_meta(bad.parent, lambda m: m.update(files={}))
+    capsys.readouterr()
+    assert train("--resume", steps=4) == 0
+    err = capsys.readouterr().err
+    assert f"{bad} is corrupt" in err and "resuming from the newest intact checkpoint step_00000002" in err
+    assert "resumed from step 2" in err
+    assert (out / "checkpoints" / "damaged-step_00000003").is_dir()
+    assert [p.name for p in ck.list_checkpoints(out / "checkpoints")] == ["step_00000003", "step_00000004"]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]

@@ -10,9 +10,17 @@ Layout of ``<root>/step_00000120/``:
 Why it is safe: everything is written into ``<root>/.tmp-step_…`` and fsync'ed; only then is the directory renamed
 to ``step_…`` (``os.rename`` of a directory is atomic on POSIX). A process killed while saving, or a full disk,
 leaves a stray ``.tmp-*`` directory (ignored, removed by the next save) and the previous checkpoints untouched.
-Only after a successful rename are checkpoints beyond ``keep_last`` deleted. Loading checks every file against
-``meta.json`` and reads pickles with ``torch.load(weights_only=True)`` only (no arbitrary code from a checkpoint);
-a missing or corrupt file raises ``CheckpointError`` naming it.
+Re-saving a step that exists (resuming a finished run) first renames the old directory to ``.old-step_…``, then
+the new one into place, then removes the backup; a crash between the two renames leaves only the backup, which
+``list_checkpoints`` (and the next save) renames back, so at every point one complete copy is found. Only after
+a successful rename are checkpoints beyond ``keep_last`` deleted.
+
+Loading trusts nothing on disk: ``meta.json`` must be an object with ``format_version`` 1, an int ``step`` equal
+to the directory's (``step_<n>``), and ``files`` listing exactly the three files, each with an int ``bytes`` and a
+64-hex-digit ``sha256`` that the file matches (``optimizer.pt`` is always written; it holds ``None`` when the
+run had no optimizer state). Pickles are read with ``torch.load(weights_only=True)`` only (no arbitrary code
+from a checkpoint). Any violation raises ``CheckpointError`` naming the file and what is wrong;
+``latest_intact_checkpoint`` returns the newest checkpoint that passes, with the reasons the newer ones failed.
 
 Not handled: sharded (per-rank) checkpoints — under FSDP the trainer gathers a full state dict on rank 0 first.
 """
@@ -131,19 +139,51 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def _restore_interrupted_resaves(root: Path) -> None:
+    """A re-save killed between its two renames leaves ``.old-step_N`` and no ``step_N``: put the backup back. A
+    backup next to a completed ``step_N`` is the superseded copy: remove it."""
+    for backup in root.glob(".old-step_*"):
+        m = re.match(r"^\.old-(step_\d+)-\d+$", backup.name)
+        if not m or not backup.is_dir():
+            continue
+        final = root / m.group(1)
+        try:
+            if final.exists():
+                shutil.rmtree(backup, ignore_errors=True)
+            else:
+                os.rename(backup, final)
+        except OSError:  # a read-only root: leave it; loading the backup's step is then not possible from here
+            pass
+
+
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """Completed checkpoint directories under ``root``, oldest first (temporary ``.tmp-*`` dirs are ignored)."""
+    """Completed checkpoint directories under ``root``, oldest first (temporary ``.tmp-*`` dirs are ignored;
+    an interrupted re-save's backup is restored first)."""
     root = Path(root)
     if not root.is_dir():
         return []
+    _restore_interrupted_resaves(root)
     found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))]
     return [p for _, p in sorted(found)]
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The newest checkpoint directory under ``root``, or None."""
+    """The newest checkpoint directory under ``root``, or None (not verified: see ``latest_intact_checkpoint``)."""
     ckpts = list_checkpoints(root)
     return ckpts[-1] if ckpts else None
+
+
+def latest_intact_checkpoint(root: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint under ``root`` that passes ``verify_checkpoint``, and ``(path, reason)`` for every
+    newer one that does not (newest first)."""
+    damaged: list[tuple[Path, str]] = []
+    for path in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(path)
+            return path, damaged
+        except CheckpointError as exc:
+            damaged.append((path, str(exc)))
+    return None, damaged
 
 
 # ---------------------------------------------------------------------------------------------- save
@@ -164,8 +204,11 @@ def save_checkpoint(
 
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"save_checkpoint: keep_last must be >= 1 or None, got {keep_last}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"save_checkpoint: step must be an int >= 0, got {step!r}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    _restore_interrupted_resaves(root)
     for stale in root.glob(".tmp-*"):  # left by a process killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
     final = root / step_dir_name(step)
@@ -175,11 +218,9 @@ def save_checkpoint(
         weights, aliases = _dedup_shared(model_state)
         save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt", "aliases": json.dumps(aliases)})
         _after_file_hook(tmp / MODEL_FILE)
-        files = [MODEL_FILE]
-        if optimizer_state is not None:
-            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-            _after_file_hook(tmp / OPTIMIZER_FILE)
-            files.append(OPTIMIZER_FILE)
+        files = [MODEL_FILE, OPTIMIZER_FILE]
+        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)  # always written (None without an optimizer)
+        _after_file_hook(tmp / OPTIMIZER_FILE)
         torch.save({**trainer_state, "step": step}, tmp / TRAINER_FILE)
         _after_file_hook(tmp / TRAINER_FILE)
         files.append(TRAINER_FILE)
@@ -190,10 +231,14 @@ def save_checkpoint(
             _fsync_file(tmp / f)
         _fsync_dir(tmp)
         if final.exists():  # saving the same step again (e.g. after a resume): swap the old one out first
-            old = root / f".tmp-old-{final.name}-{os.getpid()}"
-            os.rename(final, old)
+            backup = root / f".old-{final.name}-{os.getpid()}"  # restored by the next listing if we die now
+            os.rename(final, backup)
+            _fsync_dir(root)
+            _resave_hook("backed-up")
             os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            _fsync_dir(root)
+            _resave_hook("swapped")
+            shutil.rmtree(backup, ignore_errors=True)
         else:
             os.rename(tmp, final)
         _fsync_dir(root)
@@ -216,28 +261,62 @@ def _after_file_hook(path: Path) -> None:
     """Called after each file of a checkpoint is written; tests patch it to simulate a crash mid-save."""
 
 
+def _resave_hook(stage: str) -> None:
+    """Called between the renames of a re-save ("backed-up", "swapped"); tests patch it to crash there."""
+
+
 # ---------------------------------------------------------------------------------------------- load
+_FILES = (MODEL_FILE, OPTIMIZER_FILE, TRAINER_FILE)
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
 def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Check that ``path`` holds a complete checkpoint; return its meta. Raises ``CheckpointError`` naming the
-    missing or corrupt file."""
+    missing or corrupt file (``meta.json`` included) and what is wrong with it."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     meta_path = path / META_FILE
     if not meta_path.is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: {meta_path} is missing")
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint file {meta_path} is corrupt: {why}")
+
     try:
-        meta = json.loads(meta_path.read_text())
-        files = meta["files"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint file {meta_path} is corrupt: {exc}") from exc
-    for name, info in files.items():
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise bad(f"not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise bad(f"expected a JSON object, got {type(meta).__name__}")
+    if meta.get("format_version") != FORMAT_VERSION or isinstance(meta.get("format_version"), bool):
+        raise bad(f"format_version is {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    step = meta.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise bad(f"'step' must be an int >= 0, got {step!r}")
+    m = _STEP_RE.match(path.name)
+    if m and int(m.group(1)) != step:
+        raise bad(f"'step' is {step} but the directory is {path.name}")
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        raise bad(f"'files' must be an object, got {type(files).__name__}")
+    if set(files) != set(_FILES):
+        raise bad(f"'files' lists {sorted(files)}, expected exactly {sorted(_FILES)}")
+    for name in _FILES:
+        info = files[name]
+        if not isinstance(info, dict) or set(info) != {"bytes", "sha256"}:
+            raise bad(f"entry for {name} must be {{'bytes': int, 'sha256': hex}}, got {info!r}"[:300])
+        size, digest = info["bytes"], info["sha256"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise bad(f"'bytes' of {name} must be an int >= 0, got {size!r}")
+        if not isinstance(digest, str) or not _HEX64.match(digest):
+            raise bad(f"'sha256' of {name} must be 64 lowercase hex digits, got {digest!r}"[:300])
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint file {f} is missing")
-        if f.stat().st_size != info["bytes"]:
-            raise CheckpointError(f"checkpoint file {f} is corrupt: {f.stat().st_size} bytes, expected {info['bytes']}")
-        if _sha256(f) != info["sha256"]:
+        if f.stat().st_size != size:
+            raise CheckpointError(f"checkpoint file {f} is corrupt: {f.stat().st_size} bytes, expected {size}")
+        if _sha256(f) != digest:
             raise CheckpointError(f"checkpoint file {f} is corrupt: SHA-256 does not match {META_FILE}")
     return meta
 
@@ -264,7 +343,14 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"checkpoint file {model_file} could not be read: {exc}") from exc
     for name, target in aliases.items():
         model_state[name] = model_state[target]
-    optimizer_state = _torch_load(path / OPTIMIZER_FILE) if OPTIMIZER_FILE in meta["files"] else None
+    optimizer_state = _torch_load(path / OPTIMIZER_FILE)
+    if optimizer_state is not None and not isinstance(optimizer_state, dict):
+        raise CheckpointError(f"checkpoint file {path / OPTIMIZER_FILE} holds a {type(optimizer_state).__name__}, "
+                              "expected an optimizer state dict or None")
     trainer_state = _torch_load(path / TRAINER_FILE)
+    if not isinstance(trainer_state, dict) or trainer_state.get("step") != meta["step"]:
+        got = trainer_state.get("step") if isinstance(trainer_state, dict) else type(trainer_state).__name__
+        raise CheckpointError(f"checkpoint file {path / TRAINER_FILE} does not match {META_FILE}: step {got!r}, "
+                              f"expected {meta['step']}")
     return Checkpoint(path=path, step=int(meta["step"]), model_state=model_state,
                       optimizer_state=optimizer_state, trainer_state=trainer_state)

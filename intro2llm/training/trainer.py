@@ -338,9 +338,21 @@ class Trainer:
             target = path
         else:
             root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-            target = ckpt.latest_checkpoint(root)
+            target, damaged = ckpt.latest_intact_checkpoint(root)
             if target is None:
-                raise ckpt.CheckpointError(f"--resume: no checkpoint found in {path} (looked for {root}/step_*)")
+                why = f"; damaged: {damaged[0][1]}" if damaged else ""
+                raise ckpt.CheckpointError(f"--resume: no intact checkpoint in {path} (looked for {root}/step_*){why}")
+            # Newer but damaged checkpoints: said, and moved aside (kept for inspection) so that the run's next
+            # saves neither count them for keep-last nor collide with them.
+            for bad, reason in damaged:
+                aside = bad.with_name("damaged-" + bad.name)
+                if self.info.is_main:
+                    if not aside.exists():
+                        os.rename(bad, aside)
+                    import sys
+
+                    print(f"warning: {reason}; resuming from the newest intact checkpoint {target.name} instead "
+                          f"(the damaged one is kept as {aside})", file=sys.stderr)
         c = ckpt.load_checkpoint(target)
         ts = c.trainer_state
         if ts.get("world_size", 1) != self.info.world_size:
