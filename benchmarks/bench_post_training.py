@@ -172,8 +172,81 @@ def build_sft_trl(batch: int = BATCH, seq: int = SEQ) -> Callable[[], None]:
     return step
 
 
-BUILDERS: dict[str, Callable[..., Callable[[], None]]] = {"sft-ours": build_sft_ours, "sft-trl": build_sft_trl}
-GROUPS = {"sft": ["sft-ours", "sft-trl"]}
+# ------------------------------------------------------------------------------------------------ DPO
+# DPO step (one optimizer step on ``batch`` pairs; each row = a shared ``seq // 2``-token prompt + a ``seq // 2``-token
+# response, chosen and rejected differing in the response): ours = ``DPOTrainer.train_step`` (one concatenated
+# forward of the 2B rows returning hidden states, ``fused_linear_logprobs`` over the response tokens, a frozen
+# reference forward under no_grad, sigmoid loss, backward, clip, AdamW); TRL = ``DPOTrainer.training_step`` on the
+# batch of its own ``DataCollatorForPreference`` (same ids; its policy forward with TRL's fused LM head, its frozen
+# ``ref_model`` loaded from the same directory) + clip + optimizer step, as ``transformers.Trainer`` does per step.
+def dpo_pairs(batch: int, seq: int, vocab: int) -> list[tuple[list[int], list[int], list[int]]]:
+    """``batch`` (prompt, chosen, rejected) id lists: prompt seq // 2 tokens, responses seq - seq // 2 tokens."""
+    ids = batch_ids(3 * batch, seq, vocab, seed=1)
+    half = seq // 2
+    return [(ids[3 * i, :half].tolist(), ids[3 * i + 1, half:].tolist(), ids[3 * i + 2, half:].tolist())
+            for i in range(batch)]
+
+
+def build_dpo_ours(batch: int = BATCH, seq: int = SEQ) -> Callable[[], None]:
+    from intro2llm.data.dpo_dataset import DPODataset, collate, synthetic_triples
+    from intro2llm.data.prepare import synthetic_tokenizer
+    from intro2llm.model.causal_lm import CausalLM
+    from intro2llm.training.dpo_trainer import DPOTrainer
+    from intro2llm.training.trainer import TrainerConfig
+
+    model = CausalLM.from_pretrained(export_llama())
+    ref = CausalLM.from_pretrained(export_llama())
+    rows = synthetic_triples(batch, seed=0)
+    tok = synthetic_tokenizer([r["prompt"] + r["chosen"] + r["rejected"] for r in rows])  # trainer plumbing only
+    ds = DPODataset(rows, tok, "plain")
+    cfg = TrainerConfig(steps=10**6, batch_size=batch, lr=1e-4, warmup_steps=0, schedule="constant", weight_decay=0.0,
+                        grad_clip=1.0, progress=False, tensorboard=False, wandb=False, device="cpu")
+    trainer = DPOTrainer(model, cfg, ds, ref, beta=0.1, tokenizer=tok)
+    rows = []
+    for i, (p, c, r) in enumerate(dpo_pairs(batch, seq, model.config.vocab_size)):
+        skip = [-100] * len(p)
+        rows.append({"chosen_input_ids": torch.tensor(p + c), "chosen_labels": torch.tensor(skip + c),
+                     "rejected_input_ids": torch.tensor(p + r), "rejected_labels": torch.tensor(skip + r),
+                     "index": torch.tensor(i)})
+    data = collate(rows, pad_id=0)
+    return lambda: trainer.train_step(data)
+
+
+def build_dpo_trl(batch: int = BATCH, seq: int = SEQ) -> Callable[[], None]:
+    from datasets import Dataset
+    from transformers import LlamaForCausalLM
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    model = hf_llama()
+    ref = LlamaForCausalLM.from_pretrained(export_llama(), torch_dtype=torch.float32, attn_implementation="sdpa")
+    pairs = dpo_pairs(batch, seq, model.config.vocab_size)
+    text = {"prompt": ["3"] * batch, "chosen": ["4"] * batch, "rejected": ["5"] * batch}  # construction only
+    args = DPOConfig(output_dir=os.path.join(_TMP, "trl_dpo"), per_device_train_batch_size=batch, max_length=seq,
+                     learning_rate=1e-4, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, beta=0.1,
+                     loss_type=["sigmoid"], report_to="none", use_cpu=True, dataloader_num_workers=0,
+                     save_strategy="no", logging_strategy="no", seed=0)
+    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_dict(text),
+                         processing_class=hf_tokenizer(model.config.vocab_size))
+    trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer._inner_training_loop in a real run
+    collator = DataCollatorForPreference(pad_token_id=1, max_length=seq)
+    inputs = collator([{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in pairs])
+    model.train()
+
+    def step() -> None:
+        trainer.training_step(model, inputs)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+BUILDERS: dict[str, Callable[..., Callable[[], None]]] = {"sft-ours": build_sft_ours, "sft-trl": build_sft_trl,
+                                                          "dpo-ours": build_dpo_ours, "dpo-trl": build_dpo_trl}
+GROUPS = {"sft": ["sft-ours", "sft-trl"], "dpo": ["dpo-ours", "dpo-trl"]}
 
 
 @pytest.mark.parametrize("name", ["sft-ours", "sft-trl"])
@@ -181,6 +254,15 @@ def test_sft_step(benchmark, name):
     step = BUILDERS[name](BATCH, SEQ)
     step()
     benchmark.group = "post-training-sft"
+    benchmark.extra_info.update(batch=BATCH, seq=SEQ)
+    benchmark.pedantic(step, rounds=5, iterations=1)
+
+
+@pytest.mark.parametrize("name", ["dpo-ours", "dpo-trl"])
+def test_dpo_step(benchmark, name):
+    step = BUILDERS[name](BATCH, SEQ)
+    step()
+    benchmark.group = "post-training-dpo"
     benchmark.extra_info.update(batch=BATCH, seq=SEQ)
     benchmark.pedantic(step, rounds=5, iterations=1)
 
