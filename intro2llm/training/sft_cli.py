@@ -70,6 +70,9 @@ def register(subparsers) -> None:  # noqa: ANN001 - argparse's private subparser
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-tensorboard", action="store_true")
+    from intro2llm.training.peft_args import add_peft_args
+
+    add_peft_args(p)
     p.set_defaults(func=run)
 
 
@@ -128,11 +131,20 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"--ckpt {args.ckpt}: {exc}")
 
     from intro2llm.data.sft_dataset import SFTDataset, read_jsonl, render_mask
+    from intro2llm.training.peft_args import apply_peft_args, peft_requested
     from intro2llm.training.sft_trainer import SFTTrainer, chat_accuracy, resize_token_embeddings
     from intro2llm.training.trainer import NonFiniteLossError, TrainerConfig
 
     added = chat.ensure_special_tokens(tokenizer, template)
+    if added and peft_requested(args):
+        return _fail(f"template {template.name!r} adds special tokens {added} that the base model lacks; LoRA keeps "
+                     "the base's embeddings frozen: use --template plain, or full fine-tuning")
     resize_token_embeddings(model, tokenizer.vocab_size)
+    torch.manual_seed(args.seed)
+    try:
+        model = apply_peft_args(model, args, base=str(Path(args.ckpt).resolve()))
+    except ValueError as exc:
+        return _fail(str(exc))
     held = None
     try:
         if args.data == "synthetic":

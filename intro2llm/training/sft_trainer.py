@@ -101,13 +101,11 @@ class SFTTrainer(Trainer):
 
 
 def export_sft_model(model: nn.Module, out_dir: Any, tokenizer: Any, template: str | chat.ChatTemplate) -> None:
-    """``save_pretrained`` files + ``tokenizer.json`` + ``tokenizer_config.json`` (with ``chat_template``)."""
-    from pathlib import Path
+    """``save_pretrained`` files (or LoRA adapters) + ``tokenizer.json`` + ``tokenizer_config.json`` (with the
+    ``chat_template``)."""
+    from intro2llm.training.peft_args import export_model
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save(out_dir / "tokenizer.json")
+    export_model(model, out_dir, tokenizer)  # a LoRA model: adapters in PEFT's layout pointing at the base
     chat.write_chat_template(out_dir, tokenizer, template)
 
 
