@@ -118,3 +118,45 @@ def test_bad_flags():
     s = peft_settings(parse("--qlora"))
     assert s["r"] == 8 and s["alpha"] == 16 and s["qlora"] == {"double_quant": True, "compute_dtype": "fp32"}
     assert json.dumps(s)
+
+
+# ---------------------------------------------------------------------------------------------------- the CLI
+MICRO = {"vocab_size": 8, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+
+
+def cli_train(out, config, *extra, steps=3):
+    from intro2llm.cli import main
+
+    return main(["train", "--config", config, "--out", str(out), "--steps", str(steps), "--batch-size", "4",
+                 "--seq-len", "16", "--synthetic-docs", "300", "--no-progress", "--no-tensorboard",
+                 "--precision", "fp32", "--accuracy-samples", "0", "--warmup", "1", *extra])
+
+
+def test_train_cli_lora_init_resume_and_errors(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from intro2llm.model.lora import DEFAULT_TARGETS
+    from intro2llm.training import peft_args
+
+    assert peft_args.DEFAULT_TARGETS == DEFAULT_TARGETS
+    config = tmp_path / "micro.json"
+    config.write_text(json.dumps(MICRO))
+    assert cli_train(tmp_path / "base", str(config), steps=2) == 0
+    assert cli_train(tmp_path / "nobase", str(config), "--lora", "4") == 2
+    assert "--init DIR" in capsys.readouterr().err
+    out = tmp_path / "lora"
+    assert cli_train(out, str(config), "--init", str(tmp_path / "base"), "--qlora", "--lora", "4", steps=2) == 0
+    ck = load_checkpoint(latest_checkpoint(out / "checkpoints"))
+    assert ck.model_state and all(".lora_" in k for k in ck.model_state)
+    assert ck.trainer_state["adapter"]["base_model_name_or_path"] == str((tmp_path / "base").resolve())
+    exported = load_file(str(out / "adapter_model.safetensors"))
+    assert exported and all(k.startswith("base_model.model.") and ".lora_" in k for k in exported)
+    assert not (out / "model.safetensors").exists()
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and json.loads((out / "qlora_config.json").read_text())["double_quant"] is True
+    assert cli_train(out, str(config), "--init", str(tmp_path / "base"), "--qlora", "--lora", "4", "--resume",
+                     steps=3) == 0
+    assert latest_checkpoint(out / "checkpoints").name.endswith("3")
+    model = load_adapted_model(out)
+    assert len(lora_layers(model)) == 7 * MICRO["num_hidden_layers"]

@@ -280,10 +280,13 @@ def save_pretrained(model, path: str | os.PathLike, model_type: str | None = Non
 def export_model(model, out_dir: str | os.PathLike, tokenizer: Any | None = None) -> None:
     """Write ``out_dir`` in the layout evaluation reads: ``save_pretrained`` files + ``tokenizer.json``."""
     from intro2llm.data.prepare import TOKENIZER_FILE
+    from intro2llm.model.lora import is_lora_model, save_lora_adapters
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "save_pretrained"):
+    if is_lora_model(model):  # only the adapters, PEFT's layout, pointing at the frozen base (lesson 14)
+        save_lora_adapters(model, out_dir)
+    elif hasattr(model, "save_pretrained"):
         model.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save(out_dir / TOKENIZER_FILE)

@@ -37,6 +37,7 @@ from torch import nn
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+QLORA_CONFIG = "qlora_config.json"  # ours: the base was NF4-quantized for training (double_quant, compute_dtype)
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -304,6 +305,11 @@ def save_lora_adapters(model: nn.Module, directory: str | os.PathLike,
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(directory / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True))
+    qlora = cfg.extra.get("qlora") if cfg is not None else None
+    if qlora:  # beside PEFT's files (peft warns on unknown config keys): how to quantize the base again
+        atomic_write(directory / QLORA_CONFIG, json.dumps(qlora, indent=2, sort_keys=True))
+    else:
+        (directory / QLORA_CONFIG).unlink(missing_ok=True)
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:

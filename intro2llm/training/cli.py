@@ -73,6 +73,12 @@ def register(subparsers) -> None:  # noqa: ANN001 - argparse's private subparser
                    help="synthetic data: greedy exact-match accuracy on N fresh problems at the end (0: skip)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("--no-tensorboard", action="store_true")
+    p.add_argument("--init", default=None, metavar="DIR",
+                   help="start from this pretrained model directory (config.json + safetensors) instead of random "
+                        "weights; required with --lora/--qlora (the frozen base)")
+    from intro2llm.training.peft_args import add_peft_args
+
+    add_peft_args(p)  # --lora R / --qlora (lesson 14)
     p.set_defaults(func=run)
 
 
@@ -97,6 +103,36 @@ def _model_config(spec: str, vocab_size: int, seq_len: int, tokenizer):  # noqa:
     if seq_len + 1 > cfg.max_position_embeddings:  # the trainer feeds windows of seq_len + 1 tokens
         changes["max_position_embeddings"] = seq_len + 1
     return cfg.replace(**changes)
+
+
+def _initial_model(args, cfg, tokenizer):  # noqa: ANN001, ANN202
+    """A fresh model of ``cfg``, or the ``--init`` model; then the ``--lora``/``--qlora`` adapters, if asked."""
+    from pathlib import Path
+
+    from intro2llm.data.prepare import TOKENIZER_FILE, load_tokenizer
+    from intro2llm.model.causal_lm import CausalLM
+    from intro2llm.training.peft_args import apply_peft_args, peft_requested
+
+    if args.init is None:
+        if peft_requested(args):
+            raise ValueError("--lora/--qlora adapt a pretrained model: give it with --init DIR")
+        return CausalLM(cfg)
+    init = Path(args.init)
+    if not (init / "config.json").is_file():
+        raise ValueError(f"--init {init}: no config.json (expected a model directory written by train/save_pretrained)")
+    model = CausalLM.from_pretrained(init)
+    if model.config.vocab_size != cfg.vocab_size:
+        raise ValueError(f"--init {init}: its vocab_size {model.config.vocab_size} differs from the data's "
+                         f"{cfg.vocab_size}")
+    if args.seq_len + 1 > model.config.max_position_embeddings:
+        raise ValueError(f"--init {init}: --seq-len {args.seq_len} + 1 exceeds its max_position_embeddings "
+                         f"{model.config.max_position_embeddings}")
+    if tokenizer is not None and (init / TOKENIZER_FILE).is_file():
+        probe = "Q: 12+35=?\nA: 47\nthe quick brown fox, def f(x): return x ** 2\n"
+        if load_tokenizer(init / TOKENIZER_FILE).encode(probe) != tokenizer.encode(probe):
+            raise ValueError(f"--init {init}: its tokenizer.json encodes text differently from this run's tokenizer "
+                             f"(build the data with the same --data/--seed/--synthetic-docs as the base run)")
+    return apply_peft_args(model, args, base=str(init))
 
 
 def _prepare(args, info):  # noqa: ANN001, ANN202
@@ -197,7 +233,6 @@ def _train(args: argparse.Namespace, info: DistInfo, out: Path) -> int:
 
     from intro2llm.data.pretrain_dataset import PretrainDataset, load_index
     from intro2llm.evaluation.accuracy import synthetic_accuracy
-    from intro2llm.model.causal_lm import CausalLM
     from intro2llm.training.checkpoint import CheckpointError
     from intro2llm.training.pretrain_trainer import PretrainTrainer
     from intro2llm.training.trainer import NonFiniteLossError, TrainerConfig
@@ -212,7 +247,10 @@ def _train(args: argparse.Namespace, info: DistInfo, out: Path) -> int:
     except (ValueError, OSError) as exc:
         return _fail(str(exc))
     torch.manual_seed(args.seed)
-    model = CausalLM(cfg)
+    try:
+        model = _initial_model(args, cfg, tokenizer)
+    except (ValueError, OSError) as exc:
+        return _fail(str(exc))
     tc = TrainerConfig(
         steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, lr=args.lr,
         min_lr=args.min_lr, warmup_steps=min(args.warmup, args.steps), schedule=args.schedule,
@@ -229,6 +267,10 @@ def _train(args: argparse.Namespace, info: DistInfo, out: Path) -> int:
         return _fail(str(exc))
     if info.is_main:
         n_params = sum(p.numel() for p in model.parameters())
+        if getattr(model, "lora_config", None) is not None:
+            from intro2llm.model.lora import trainable_parameter_report
+
+            print(f"LoRA over {args.init}: {trainable_parameter_report(model)}", file=sys.stderr)
         print(f"model: {args.config} ({n_params / 1e6:.2f}M parameters, vocab {cfg.vocab_size}), "
               f"{info.world_size} process(es) on {info.device} ({trainer.precision}), "
               f"global batch {args.batch_size} x {args.seq_len} tokens, {trainer.accum_steps} micro-batch(es) "

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_QLORA_RANK = 8
+# = intro2llm.model.lora.DEFAULT_TARGETS, repeated so that building a CLI parser imports no torch (tested)
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def add_peft_args(parser: argparse.ArgumentParser) -> None:
     """Add the LoRA/QLoRA options to ``parser`` (an argument group "parameter-efficient fine-tuning")."""
-    from intro2llm.model.lora import DEFAULT_TARGETS
-
     g = parser.add_argument_group("parameter-efficient fine-tuning (lesson 14)")
     g.add_argument("--lora", type=int, default=None, metavar="R",
                    help="train rank-R LoRA adapters on a frozen base instead of every weight")
@@ -97,32 +97,18 @@ def apply_peft_args(model: Any, args: argparse.Namespace, base: str | None = Non
 
 
 def export_model(model: Any, out_dir: Any, tokenizer: Any | None = None) -> None:
-    """Write ``out_dir``: ``adapter_model.safetensors`` + ``adapter_config.json`` for a LoRA model (its
-    ``base_model_name_or_path`` points to the base), else ``save_pretrained``; plus ``tokenizer.json``."""
-    from intro2llm.model.lora import is_lora_model, save_lora_adapters
+    """``intro2llm.interop.hf.export_model``: adapters in PEFT's layout (pointing at the base) for a LoRA model,
+    else ``save_pretrained``; plus ``tokenizer.json``."""
+    from intro2llm.interop.hf import export_model as export
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if is_lora_model(model):
-        save_lora_adapters(model, out_dir)
-        qlora = (getattr(model, "lora_config", None) and model.lora_config.extra.get("qlora")) or None
-        if qlora:  # recorded beside PEFT's file so load_adapted_model rebuilds the 4-bit base
-            from intro2llm._io import atomic_write
-
-            cfg_path = out_dir / "adapter_config.json"
-            atomic_write(cfg_path, json.dumps({**json.loads(cfg_path.read_text()), "intro2llm_qlora": qlora},
-                                              indent=2, sort_keys=True))
-    elif hasattr(model, "save_pretrained"):
-        model.save_pretrained(out_dir)
-    if tokenizer is not None:
-        tokenizer.save(out_dir / "tokenizer.json")
+    export(model, out_dir, tokenizer)
 
 
 def load_adapted_model(path: Any, base: Any | None = None) -> Any:
     """A ``CausalLM`` from an adapter directory: the base from ``base`` or the adapter's
     ``base_model_name_or_path``, quantized again if the adapters were trained with QLoRA, then the adapters."""
     from intro2llm.model.causal_lm import CausalLM
-    from intro2llm.model.lora import load_lora_adapters, read_adapter_config
+    from intro2llm.model.lora import QLORA_CONFIG, load_lora_adapters, read_adapter_config
     from intro2llm.model.qlora import prepare_qlora_model
 
     cfg = read_adapter_config(path)
@@ -130,7 +116,8 @@ def load_adapted_model(path: Any, base: Any | None = None) -> Any:
     if not base or not (Path(base) / "config.json").is_file():
         raise ValueError(f"{path}: the adapter's base model {base!r} is not a model directory (pass base=...)")
     model = CausalLM.from_pretrained(base)
-    q = cfg.get("intro2llm_qlora")
+    qpath = Path(path) / QLORA_CONFIG
+    q = json.loads(qpath.read_text()) if qpath.is_file() else None
     if q:
         import torch
 
