@@ -91,6 +91,9 @@ def _ppl(args: argparse.Namespace) -> int:
     text = _read_corpus(args.data, args.limit)
     res = evaluate_text_perplexity(model, tok, text, max_length=max_length, stride=args.stride,
                                    batch_size=args.batch_size)
+    if res.n_bytes is None:
+        print("warning: the tokenizer does not decode its tokens back to this text exactly; bits per byte are "
+              "not reported (they would count other bytes than the text's)", file=sys.stderr)
     _emit({"task": "perplexity", "max_length": max_length, **res.as_dict()}, args.output)
     return 0
 
@@ -145,8 +148,8 @@ def _humaneval(args: argparse.Namespace) -> int:
     except SandboxUnavailableError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    summary = {"task": "humaneval", **res["pass@k"], "n_samples": res["n_samples"], "isolation": res["isolation"],
-               "results_file": results_path}
+    summary = {"task": "humaneval", **res["pass@k"], "n_samples": res["n_samples"], "errors": res["errors"],
+               "isolation": res["isolation"], "results_file": results_path}
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -94,6 +94,9 @@ def evaluate_perplexity(model: Callable, ids: Sequence[int] | torch.Tensor, *, m
         raise ValueError(f"need at least 2 tokens to score one, got {ids.numel()}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if n_bytes is not None and (isinstance(n_bytes, bool) or not isinstance(n_bytes, int) or n_bytes < 1):
+        raise ValueError(f"n_bytes must be a positive int (the UTF-8 bytes of the scored text) or None, "
+                         f"got {n_bytes!r}")
     stride = max(1, max_length // 2) if stride is None else stride
     if device is None:
         params = getattr(model, "parameters", None)
@@ -123,10 +126,26 @@ def evaluate_perplexity(model: Callable, ids: Sequence[int] | torch.Tensor, *, m
     return PerplexityResult(nll_sum, n_tokens, n_bytes)
 
 
+def scored_bytes(tokenizer, text: str, ids: Sequence[int]) -> int | None:
+    """UTF-8 bytes of ``text`` the scored tokens (all but the first) stand for, or None when that is not defined:
+    when the tokens do not decode back to ``text`` exactly (a lossy or normalizing tokenizer, unknown
+    characters, specials that decode to other text), a byte count from the decoded tokens would not be the
+    text's, and one from the text would not be the tokens': bits per byte are then not reported."""
+    raw = text.encode("utf-8")
+    to_bytes = getattr(tokenizer, "decode_bytes", None)
+    if to_bytes is not None:
+        whole, first = to_bytes(ids), to_bytes(ids[:1])
+    else:
+        whole, first = tokenizer.decode(ids).encode("utf-8"), tokenizer.decode(ids[:1]).encode("utf-8")
+    if whole != raw or not raw.startswith(first) or len(raw) <= len(first):
+        return None
+    return len(raw) - len(first)
+
+
 def evaluate_text_perplexity(model: Callable, tokenizer, text: str, **kwargs) -> PerplexityResult:
-    """Perplexity and bits per byte of ``text``; the byte count excludes the (unscored) first token."""
+    """Perplexity and bits per byte of ``text``; the byte count excludes the (unscored) first token, and is
+    None (no bits per byte) when the tokenizer does not reproduce the text (see ``scored_bytes``)."""
     if not isinstance(text, str) or not text:
         raise ValueError("text must be a non-empty string")
     ids = list(tokenizer.encode(text))
-    n_bytes = len(text.encode("utf-8")) - len(tokenizer.decode(ids[:1]).encode("utf-8"))
-    return evaluate_perplexity(model, ids, n_bytes=n_bytes, **kwargs)
+    return evaluate_perplexity(model, ids, n_bytes=scored_bytes(tokenizer, text, ids), **kwargs)

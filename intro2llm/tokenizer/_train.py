@@ -40,12 +40,23 @@ _PARALLEL_MIN_BYTES = 4 << 20  # below this, starting processes costs more than 
 _CHUNK_CHARS = 1 << 20
 
 
-def _count_chunk(args: tuple[str, list[str]]) -> Counter:
-    pattern, texts = args
-    findall = regex.compile(pattern).findall
+def _count_chunk(args: tuple[str, list[str], str | None]) -> Counter:
+    """Word counts of ``texts``; with ``specials`` (a regex of the special tokens) each text is first split at
+    them and they are not counted, so no word, hence no merge, crosses or contains a special token (as in
+    Hugging Face ``tokenizers`` when special tokens are given to the trainer)."""
+    pattern, texts, specials = args
+    compiled = regex.compile(pattern)
+    findall = compiled.findall
+    split = regex.compile(specials).split if specials else None
     counts: Counter = Counter()
     for text in texts:
-        counts.update(findall(text))
+        for piece in split(text) if split is not None else (text,):
+            words = findall(piece)
+            if sum(map(len, words)) != len(piece):
+                from intro2llm.tokenizer.bpe_tokenizer import uncovered_error
+
+                raise uncovered_error(pattern, piece, compiled)
+            counts.update(words)
     return counts
 
 
@@ -72,8 +83,12 @@ def count_words(
     *,
     num_workers: int | None = None,
     on_text: Callable[[str], None] | None = None,
+    special_tokens: Iterable[str] = (),
 ) -> Counter:
-    """Frequency of each pre-token (regex match) over ``texts``; ``num_workers`` processes for large inputs."""
+    """Frequency of each pre-token (regex match) over ``texts``; ``num_workers`` processes for large inputs.
+    Occurrences of ``special_tokens`` split the texts and are not counted (see ``_count_chunk``)."""
+    specials = sorted(set(special_tokens), key=lambda s: (-len(s), s))  # longest first, as encode() does
+    specials_re = "|".join(regex.escape(s) for s in specials) if specials else None
     workers = num_workers if num_workers is not None else min(4, os.cpu_count() or 1)
     chunks = _chunks(texts, on_text)
     total: Counter = Counter()
@@ -83,18 +98,18 @@ def count_words(
     second = next(chunks, None)
     if second is None or workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         for chunk in (first, second) if second is not None else (first,):
-            total.update(_count_chunk((pattern, chunk)))
+            total.update(_count_chunk((pattern, chunk, specials_re)))
         for chunk in chunks:
-            total.update(_count_chunk((pattern, chunk)))
+            total.update(_count_chunk((pattern, chunk, specials_re)))
         return total
     # At least two chunks (>= ~1M characters): count in worker processes, merge the counters here.
     ctx = multiprocessing.get_context("fork")
 
     def jobs():
-        yield pattern, first
-        yield pattern, second
+        yield pattern, first, specials_re
+        yield pattern, second, specials_re
         for chunk in chunks:
-            yield pattern, chunk
+            yield pattern, chunk, specials_re
 
     with ctx.Pool(workers) as pool:
         for counts in pool.imap_unordered(_count_chunk, jobs()):

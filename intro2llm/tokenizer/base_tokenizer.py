@@ -260,6 +260,8 @@ class BaseTokenizer:
     def load(cls, path: str | os.PathLike) -> BaseTokenizer:
         """Read a file written by ``save``; the class is taken from the file (it must be ``cls`` or a subclass)."""
         path = os.fspath(path)
+        if os.path.isdir(path):
+            raise ValueError(f"tokenizer path {path!r} is a directory; give the tokenizer .json file inside it")
         try:
             with open(path, encoding="utf-8") as f:
                 state = json.load(f)
@@ -267,6 +269,8 @@ class BaseTokenizer:
             raise FileNotFoundError(f"tokenizer file {path!r} does not exist") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path!r} is not a tokenizer file: it is not valid UTF-8 JSON ({exc})") from None
+        except RecursionError:
+            raise ValueError(f"{path!r} is not a tokenizer file: its JSON is nested too deeply") from None
         if not isinstance(state, dict) or state.get("format") != FORMAT_NAME:
             raise ValueError(f'{path!r} is not an intro2llm tokenizer file (missing "format": "{FORMAT_NAME}")')
         if state.get("version") != FORMAT_VERSION:
@@ -277,6 +281,10 @@ class BaseTokenizer:
         klass = _subclasses(BaseTokenizer).get(state.get("type"))
         if klass is None or not issubclass(klass, cls):
             raise ValueError(f"{path!r} holds a tokenizer of type {state.get('type')!r}, which is not a {cls.__name__}")
+        if klass._from_state.__func__ is BaseTokenizer._from_state.__func__:
+            concrete = sorted(n for n, k in _subclasses(BaseTokenizer).items() if k is not klass)
+            raise ValueError(f"{path!r} names the abstract tokenizer type {klass.__name__!r}; expected a concrete "
+                             f"one such as {concrete}")
         tok = klass._from_state(state, path)
         specials, roles = state.get("special_tokens", {}), state.get("roles", {})
         if not isinstance(specials, dict) or not isinstance(roles, dict):

@@ -18,9 +18,9 @@ has no unknowns at all).
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Iterator
 from itertools import chain
-from typing import Any
+from typing import Any, Literal
 
 import regex
 
@@ -51,6 +51,18 @@ def resolve_pattern(pattern: str | None) -> str:
     except regex.error as exc:
         raise ValueError(f"pattern {pattern!r} is not a valid regex: {exc}") from None
     return pattern
+
+
+def uncovered_error(pattern: str, text: str, compiled=None) -> ValueError:
+    """The error for a pre-tokenization pattern that does not match every character of ``text``."""
+    pos = 0
+    for m in (compiled or regex.compile(pattern)).finditer(text):
+        if m.start() != pos:
+            break
+        pos = m.end()
+    return ValueError(f"the tokenizer's pattern does not cover the text: {text[pos:pos + 1]!r} at character {pos} "
+                      f"would be dropped (pattern {pattern[:80]!r}); use a pattern that matches every character, "
+                      "e.g. one ending in '|\\s+|.'")
 
 
 class _WordCache(dict):
@@ -110,8 +122,12 @@ class BPETokenizer(BaseTokenizer):
 
     # ---- pre-tokenization and encoding ------------------------------------------------------------------------
     def _pretokenize(self, text: str) -> list[str]:
-        """Split text into words with the regex; BPE never merges across two words."""
-        return self._regex.findall(text)
+        """Split text into words with the regex; BPE never merges across two words. A pattern that leaves some
+        character unmatched would drop it silently: that raises ``ValueError`` naming it."""
+        words = self._regex.findall(text)
+        if sum(map(len, words)) != len(text):
+            raise uncovered_error(self.pattern, text, self._regex)
+        return words
 
     def _bpe(self, parts: list[str]) -> list[str]:
         """Merge adjacent symbols by rank until no adjacent pair forms a token (tiktoken's rule)."""
@@ -174,6 +190,47 @@ class BPETokenizer(BaseTokenizer):
         if not isinstance(text, str):
             raise TypeError(f"encode_ordinary expects a str, got {type(text).__name__}")
         return list(chain.from_iterable(map(self._cache.__getitem__, self._pretokenize(text))))
+
+    def encode_iterable(
+        self,
+        texts: Iterable[str],
+        *,
+        allowed_special: Literal["all"] | Collection[str] = frozenset(),
+        disallowed_special: Literal["all"] | Collection[str] = "all",
+    ) -> Iterator[int]:
+        """Stream the ids of ``"".join(texts)`` (e.g. the lines of a file larger than memory): equal to
+        ``encode`` of the whole text, with memory bounded by the longest pre-token plus one piece of input.
+
+        Text is encoded up to the start of the last pre-token of what has been read (that word may still grow),
+        and never past a point where a special token could begin; the rest waits for the next piece."""
+        allowed = self._special_set(allowed_special, "allowed_special")
+        disallowed = self._special_set(disallowed_special, "disallowed_special")
+        if disallowed_special == "all":
+            disallowed -= allowed
+        specials = allowed | disallowed
+        specials_re = self._specials_regex(frozenset(specials)) if specials else None
+        hold = max(map(len, specials), default=1) - 1  # a special token may start in the last `hold` chars
+        kwargs = dict(allowed_special=allowed, disallowed_special=disallowed)
+        buf = ""
+        for piece in texts:
+            if not isinstance(piece, str):
+                raise TypeError(f"encode_iterable expects str pieces, got {type(piece).__name__}")
+            buf += piece
+            seg_start = 0
+            if specials_re is not None:
+                for m in specials_re.finditer(buf):
+                    seg_start = m.end()  # the last segment (after the last complete special) is still open
+            limit = len(buf) - hold  # no cut past here: a special token could straddle the next piece
+            cut = seg_start if seg_start <= limit else None
+            for m in self._regex.finditer(buf, seg_start):
+                if m.start() > limit:
+                    break
+                cut = m.start()  # the start of the last word that begins before the limit
+            if cut:
+                yield from self.encode(buf[:cut], **kwargs)
+                buf = buf[cut:]
+        if buf:
+            yield from self.encode(buf, **kwargs)
 
     # ---- vocabulary ---------------------------------------------------------------------------------------------
     def _set_vocab(self, alphabet: list[str], merges: list[tuple[str, str]], where: str = "") -> None:
@@ -248,7 +305,8 @@ class BPETokenizer(BaseTokenizer):
             bar = tqdm(desc="counting words", unit="B", unit_scale=True)
             on_text = lambda t: bar.update(len(t))
         try:
-            counts = _train.count_words(texts, self.pattern, num_workers=num_workers, on_text=on_text)
+            counts = _train.count_words(texts, self.pattern, num_workers=num_workers, on_text=on_text,
+                                        special_tokens=specials)
         finally:
             if bar is not None:
                 bar.close()
