@@ -31,7 +31,13 @@ def load_checkpoint(ckpt_dir: str):
     from intro2llm.model.causal_lm import CausalLM
     from intro2llm.tokenizer import BaseTokenizer
 
-    model = CausalLM.from_pretrained(ckpt_dir)
+    try:
+        model = CausalLM.from_pretrained(ckpt_dir)
+    except (FileNotFoundError, ValueError, TypeError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign weights file: name it, in one line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"checkpoint {ckpt_dir}: the model weights could not be read ({reason})") from None
     model.eval()
     tokenizer = BaseTokenizer.load(os.path.join(ckpt_dir, "tokenizer.json"))
     return model, tokenizer

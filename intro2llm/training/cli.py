@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -194,6 +195,26 @@ def _prepare(args, info):  # noqa: ANN001, ANN202
     return data_dir / "train", val if (val / INDEX_FILE).exists() else None, prep.load_tokenizer(tok_path)
 
 
+def _check_device(spec: str, torch) -> str | None:  # noqa: ANN001
+    """None if ``--device`` names a device this build can use, else the error message."""
+    if spec == "auto":
+        return None
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        return f"--device {spec!r} is not a device: use auto, cpu, cuda or cuda:N"
+    if dev.type == "cpu":
+        return None
+    if dev.type != "cuda":
+        return f"--device {spec!r}: training runs on auto, cpu or cuda, not {dev.type}"
+    if not torch.cuda.is_available():
+        return (f"--device {spec!r}: no CUDA device is usable here (PyTorch {torch.__version__} "
+                f"{'has no CUDA support' if torch.version.cuda is None else 'sees no GPU'}); use --device cpu or auto")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"--device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) here"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     """Handler of ``intro2llm train``; returns the exit code."""
     from pathlib import Path
@@ -203,9 +224,17 @@ def run(args: argparse.Namespace) -> int:
     from intro2llm.training.checkpoint import latest_checkpoint
     from intro2llm.training.distributed import cleanup_distributed, init_distributed
 
-    for name in ("steps", "batch_size", "seq_len"):
+    for name in ("steps", "batch_size", "seq_len", "keep"):
         if getattr(args, name) < 1:
             return _fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name, low in (("lr", None), ("min_lr", 0.0), ("weight_decay", 0.0), ("grad_clip", 0.0)):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and (value > 0 if low is None else value >= low)):
+            need = "> 0" if low is None else f">= {low:g}"
+            return _fail(f"--{name.replace('_', '-')} must be a finite number {need}, got {value}")
+    bad_device = _check_device(args.device, torch)
+    if bad_device:
+        return _fail(bad_device)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)

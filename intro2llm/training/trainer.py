@@ -89,8 +89,17 @@ class TrainerConfig:
             raise ValueError(f"TrainerConfig: precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.max_bad_steps < 1:
             raise ValueError(f"TrainerConfig: max_bad_steps must be >= 1, got {self.max_bad_steps}")
-        if self.lr <= 0:
-            raise ValueError(f"TrainerConfig: lr must be > 0, got {self.lr}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"TrainerConfig: lr must be a finite number > 0, got {self.lr}")
+        if self.min_lr is not None and not (math.isfinite(self.min_lr) and self.min_lr >= 0):
+            raise ValueError(f"TrainerConfig: min_lr must be a finite number >= 0 or None, got {self.min_lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"TrainerConfig: weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ValueError(f"TrainerConfig: grad_clip must be a finite number >= 0 or None, got {self.grad_clip}")
+        if self.keep_last is not None and (isinstance(self.keep_last, bool) or not isinstance(self.keep_last, int)
+                                           or self.keep_last < 1):
+            raise ValueError(f"TrainerConfig: keep_last must be an int >= 1 or None, got {self.keep_last!r}")
 
 
 class NonFiniteLossError(RuntimeError):
