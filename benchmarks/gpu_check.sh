@@ -20,11 +20,13 @@ python -m intro2llm info | tee "$OUT/info.txt"
 echo "=== op tests on the GPU"
 # Op suites; each file runs its cases on CUDA tensors here. The list grows with every kernel.
 OP_TESTS=$(ls tests/test_rms_norm.py tests/test_layer_norm.py tests/test_rope.py tests/test_swiglu.py \
-  tests/test_cross_entropy.py tests/test_fused_linear_cross_entropy.py tests/test_flash_attention*.py 2>/dev/null)
+  tests/test_cross_entropy.py tests/test_fused_linear_cross_entropy.py tests/test_flash_attention*.py \
+  tests/test_nf4.py 2>/dev/null)
 timeout 240 pytest $OP_TESTS -q -x -p no:cacheprovider --junitxml="$OUT/tests.xml" 2>&1 | tail -15 || status=1
 
 echo "=== kernel benchmarks"
-for b in rms_norm rope swiglu cross_entropy fused_linear_cross_entropy attention; do
+# nf4: Triton/CUDA nf4_matmul at 1/4/16 tokens vs dequantize + cuBLAS (dequant+linear) and bitsandbytes if present
+for b in rms_norm rope swiglu cross_entropy fused_linear_cross_entropy attention nf4; do
   f=benchmarks/bench_$b.py
   [ -f "$f" ] || continue
   timeout 120 pytest "$f" -q -p no:cacheprovider --benchmark-only --benchmark-min-rounds=5 \

@@ -74,6 +74,16 @@ TORCH_LIBRARY(intro2llm, m) {
         "Tensor(b!) v_cache, int pos, Tensor cos, Tensor sin, Tensor? key_padding_mask, int num_heads, float eps, "
         "int window) -> Tensor");
 
+  // ---- NF4 (csrc/cpu/nf4.cpp, csrc/cuda/nf4.cu; intro2llm/ops/nf4.py) ---------------------------------------
+  // BEGIN nf4 schemas
+  // bitsandbytes' NF4: packed uint8 (ceil(numel/2),) high nibble first, absmax fp32 per block of `blocksize`.
+  // nf4_dequantize -> (numel,) in dtype. nf4_matmul_fwd: x (M, K) @ dequant(W (N, K))ᵀ + bias -> (M, N) in x's
+  // dtype, without building the dequantized W. nf4_matmul_bwd: grad_x (M, K) = grad_y (M, N) @ dequant(W).
+  m.def("nf4_dequantize(Tensor packed, Tensor absmax, int numel, int blocksize, ScalarType dtype) -> Tensor");
+  m.def("nf4_matmul_fwd(Tensor x, Tensor packed, Tensor absmax, int N, int blocksize, Tensor? bias) -> Tensor");
+  m.def("nf4_matmul_bwd(Tensor grad_y, Tensor packed, Tensor absmax, int K, int blocksize) -> Tensor");
+  // END nf4 schemas
+
   // ---- tokenizer core (tokenizer owner) ---------------------------------------------------------------------
   // BEGIN tokenizer schemas
   // BPE merge loop (csrc/cpu/bpe_train.cpp): words = int32 base-symbol ids, word i = words[offsets[i]:offsets[i+1]],

@@ -23,6 +23,15 @@ from intro2llm.ops.fused_linear_cross_entropy import (
 )
 from intro2llm.ops.fused_linear_logprobs import fused_linear_logprobs, fused_linear_logprobs_reference
 from intro2llm.ops.layer_norm import layer_norm, layer_norm_reference
+from intro2llm.ops.nf4 import (
+    NF4Weight,
+    dequantize_tensor,
+    nf4_dequantize,
+    nf4_matmul,
+    nf4_matmul_reference,
+    nf4_quantize,
+    quantize_tensor,
+)
 from intro2llm.ops.rms_norm import rms_norm, rms_norm_reference
 from intro2llm.ops.rope import apply_rope, apply_rope_reference
 from intro2llm.ops.swiglu import geglu, geglu_reference, swiglu, swiglu_reference
@@ -48,6 +57,13 @@ __all__ = [
     "geglu_reference",
     "layer_norm",
     "layer_norm_reference",
+    "NF4Weight",
+    "dequantize_tensor",
+    "nf4_dequantize",
+    "nf4_matmul",
+    "nf4_matmul_reference",
+    "nf4_quantize",
+    "quantize_tensor",
     "rms_norm",
     "rms_norm_reference",
     "swiglu",

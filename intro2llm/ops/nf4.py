@@ -24,7 +24,6 @@ materialize the whole dequantized weight: they dequantize a tile of rows and mul
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -60,24 +59,7 @@ NF4_CODE = (
 )
 
 
-@functools.cache
-def _nf4_code_cpu() -> torch.Tensor:
-    return torch.tensor(NF4_CODE, dtype=torch.float32)
-
-
-@functools.cache
-def _nf4_midpoints_cpu() -> torch.Tensor:
-    code = _nf4_code_cpu()
-    return (code[:-1] + code[1:]) / 2  # 15 decision boundaries, computed in fp32 like bitsandbytes
-
-
-def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 16 NF4 code values as an fp32 tensor on ``device``."""
-    return _nf4_code_cpu().to(device)
-
-
-@functools.cache
-def dynamic_map() -> torch.Tensor:
+def _build_dynamic_map() -> torch.Tensor:
     """bitsandbytes' signed 8-bit "dynamic" code (``create_dynamic_map()``): 256 sorted fp32 values in [-1, 1].
 
     For exponent e = 0..6, the interval [0.1, 1] is cut into 2^e equal pieces and the piece midpoints times
@@ -93,17 +75,32 @@ def dynamic_map() -> torch.Tensor:
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
-@functools.cache
-def _dynamic_lut() -> torch.Tensor:
+def _build_dynamic_lut(code: torch.Tensor) -> torch.Tensor:
     """The 65536-entry table bitsandbytes' CPU 8-bit quantizer uses for "nearest code".
 
     [-1, 1] is sampled at 65536 evenly spaced points; entry i is the index of the code value nearest to point i
     (the number of code midpoints below it). A value v maps to entry round((v + 1) / 2 * 65535).
     """
-    code = dynamic_map()
     midpoints = 0.5 * (code[:-1] + code[1:])
     grid = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32)) / 65535
     return torch.searchsorted(midpoints, grid, right=False).to(torch.uint8)
+
+
+# Module constants (built once at import, so that torch.compile sees plain tensors)
+_NF4_CODE = torch.tensor(NF4_CODE, dtype=torch.float32)
+_NF4_MIDPOINTS = (_NF4_CODE[:-1] + _NF4_CODE[1:]) / 2  # 15 decision boundaries, in fp32 like bitsandbytes
+_DYNAMIC_MAP = _build_dynamic_map()
+_DYNAMIC_LUT = _build_dynamic_lut(_DYNAMIC_MAP)
+
+
+def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16 NF4 code values as an fp32 tensor on ``device``."""
+    return _NF4_CODE.to(device)
+
+
+def dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic code (256 sorted fp32 values), used for double quantization."""
+    return _DYNAMIC_MAP
 
 
 @dataclass
@@ -196,7 +193,7 @@ def _quantize_8bit_blockwise(values: torch.Tensor, blocksize: int) -> tuple[torc
     """fp32 (n,) → (uint8 codes in ``dynamic_map()``, fp32 absmax per block) like bitsandbytes' CPU kernel.
 
     The CPU kernel scales by 1/absmax (0 for an all-zero block, whose codes are 0) and picks the code through
-    ``_dynamic_lut()``: the nearest code to v rounded to a 65536-point grid over [-1, 1].
+    ``_DYNAMIC_LUT``: the nearest code to v rounded to a 65536-point grid over [-1, 1].
     """
     n = values.numel()
     nblocks = -(-n // blocksize)
@@ -205,7 +202,7 @@ def _quantize_8bit_blockwise(values: torch.Tensor, blocksize: int) -> tuple[torc
     inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
     v = (padded * inv.unsqueeze(1)).clamp(-1, 1)
     index = ((v + 1.0) * 0.5 * 65535 + 0.5).to(torch.int64)  # truncation, as the C++ cast does
-    codes = _dynamic_lut().to(values.device)[index]
+    codes = _DYNAMIC_LUT.to(values.device)[index]
     codes = torch.where((absmax > 0).unsqueeze(1), codes, torch.zeros_like(codes))
     return codes.reshape(-1)[:n], absmax
 
@@ -236,7 +233,7 @@ def quantize_tensor(w: torch.Tensor, blocksize: int = 64, double_quant: bool = F
     flat = w.detach().reshape(-1).float()  # (n,)
     absmax, scaled = _blockwise_absmax_scaled(flat, blocksize)
     # nearest code: index = number of midpoints strictly below the value (a tie goes to the lower code)
-    idx = torch.bucketize(scaled, _nf4_midpoints_cpu().to(w.device), right=False).to(torch.uint8)  # (n,)
+    idx = torch.bucketize(scaled, _NF4_MIDPOINTS.to(w.device), right=False).to(torch.uint8)  # (n,)
     if idx.numel() % 2:
         idx = torch.cat([idx, idx.new_full((1,), 7)])  # pad with the code of 0.0
     packed = (idx[0::2] << 4) | idx[1::2]  # (ceil(n/2),)
@@ -305,6 +302,80 @@ def _validate_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None) -
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# C++ (CPU) and CUDA: intro2llm::nf4_matmul_fwd / nf4_matmul_bwd / nf4_dequantize from csrc/, registered here
+# with fake + autograd. The autograd formula is shared by every fast backend: dx = dy @ dequant(W) by the
+# backend's own kernel, dbias = dy summed over rows; the weight (packed, absmax) gets no gradient.
+# ---------------------------------------------------------------------------------------------------------------
+def _fake_fwd(x, packed, absmax, N, blocksize, bias):
+    return x.new_empty((x.shape[0], N))
+
+
+def _fake_bwd(grad_y, packed, absmax, K, blocksize):
+    return grad_y.new_empty((grad_y.shape[0], K))
+
+
+def _fake_dequantize(packed, absmax, numel, blocksize, dtype):
+    return packed.new_empty((numel,), dtype=dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    x, packed, absmax, _n, blocksize, bias = inputs
+    ctx.save_for_backward(packed, absmax)
+    ctx.K, ctx.blocksize = x.shape[1], blocksize
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward_with(bwd_op):
+    def backward(ctx, grad_y):
+        packed, absmax = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = bwd_op(grad_y.contiguous(), packed, absmax, ctx.K, ctx.blocksize)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[5]:
+            grad_bias = grad_y.float().sum(0).to(ctx.bias_dtype)
+        return grad_x, None, None, None, None, grad_bias
+
+    return backward
+
+
+if _dispatch.extension_error() is None and _dispatch.has_compiled_kernel("nf4_matmul_fwd", "cpu"):
+    torch.library.register_fake("intro2llm::nf4_matmul_fwd")(_fake_fwd)
+    torch.library.register_fake("intro2llm::nf4_matmul_bwd")(_fake_bwd)
+    torch.library.register_fake("intro2llm::nf4_dequantize")(_fake_dequantize)
+    torch.library.register_autograd(
+        "intro2llm::nf4_matmul_fwd",
+        _backward_with(lambda *a: torch.ops.intro2llm.nf4_matmul_bwd(*a)),
+        setup_context=_setup_context,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton: kernels/nf4.py launched inside custom ops (triton imported lazily: it is optional).
+# ---------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("intro2llm::nf4_matmul_fwd_triton", mutates_args=())
+def _nf4_matmul_fwd_triton(
+    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, N: int, blocksize: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    from intro2llm.kernels.nf4 import nf4_matmul_fwd
+
+    return nf4_matmul_fwd(x.contiguous(), packed.contiguous(), absmax.contiguous(), N, blocksize, bias)
+
+
+@torch.library.custom_op("intro2llm::nf4_matmul_bwd_triton", mutates_args=())
+def _nf4_matmul_bwd_triton(
+    grad_y: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, K: int, blocksize: int
+) -> torch.Tensor:
+    from intro2llm.kernels.nf4 import nf4_matmul_bwd
+
+    return nf4_matmul_bwd(grad_y.contiguous(), packed.contiguous(), absmax.contiguous(), K, blocksize)
+
+
+_nf4_matmul_fwd_triton.register_fake(_fake_fwd)
+_nf4_matmul_bwd_triton.register_fake(_fake_bwd)
+_nf4_matmul_fwd_triton.register_autograd(_backward_with(_nf4_matmul_bwd_triton), setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Public ops
 # ---------------------------------------------------------------------------------------------------------------
 def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Weight:
@@ -312,9 +383,18 @@ def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     return quantize_tensor(w, blocksize, double_quant)
 
 
-def nf4_dequantize(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+def nf4_dequantize(w: NF4Weight, dtype: torch.dtype | None = None, *, backend: str | None = None) -> torch.Tensor:
     """The dequantized tensor (original shape, ``dtype`` or the original dtype); equals ``dequantize_4bit``."""
-    return dequantize_tensor(w, dtype)
+    _check_nf4(w, "nf4_dequantize")
+    dtype = dtype or w.dtype
+    name = _dispatch.resolve_backend(
+        "nf4_dequantize", w.device, backend, implemented=("reference", "cpp", "cuda"),
+        compiled_op="nf4_dequantize", dtype=dtype,
+    )
+    if name == "reference":
+        return dequantize_tensor(w, dtype)
+    flat = torch.ops.intro2llm.nf4_dequantize(w.packed, w.fp32_absmax(), w.numel, w.blocksize, dtype)
+    return flat.view(w.shape)
 
 
 def nf4_matmul(
@@ -325,6 +405,14 @@ def nf4_matmul(
     Differentiable w.r.t. ``x`` and ``bias``; the fast backends never hold the whole dequantized weight.
     """
     _validate_matmul(x, w, bias)
-    name = _dispatch.resolve_backend(OP, x.device, backend, implemented=("reference",), dtype=x.dtype)
-    assert name == "reference"
-    return nf4_matmul_reference(x, w, bias)
+    name = _dispatch.resolve_backend(OP, x.device, backend, implemented=BACKENDS, compiled_op="nf4_matmul_fwd",
+                                     dtype=x.dtype)
+    if name == "reference":
+        return nf4_matmul_reference(x, w, bias)
+    N, K = w.shape
+    x2 = x.reshape(-1, K)  # (M, K)
+    if name == "triton":
+        y = _nf4_matmul_fwd_triton(x2, w.packed, w.fp32_absmax(), N, w.blocksize, bias)
+    else:
+        y = torch.ops.intro2llm.nf4_matmul_fwd(x2, w.packed, w.fp32_absmax(), N, w.blocksize, bias)
+    return y.view(*x.shape[:-1], N)
