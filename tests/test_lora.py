@@ -239,3 +239,24 @@ def test_loading_mismatched_adapters_names_the_problem(tmp_path):
         load_lora_adapters(tiny_model(), tmp_path / "qv")
     with pytest.raises(ValueError, match="no adapter_config.json"):
         load_lora_adapters(tiny_model(), tmp_path / "nowhere")
+
+
+def test_fused_cross_entropy_with_a_frozen_head_skips_its_gradient():
+    # LoRA freezes lm_head: the fused loss must still give dL/dh and must not compute (or return) dL/dW
+    from intro2llm import ops
+
+    torch.manual_seed(0)
+    h = torch.randn(12, 16, requires_grad=True)
+    w = torch.randn(40, 16)
+    t = torch.randint(0, 40, (12,))
+    ops.fused_linear_cross_entropy(h, w, t, chunk_size=5).backward()
+    h2 = h.detach().clone().requires_grad_()
+    nn.functional.cross_entropy(h2 @ w.T, t).backward()
+    torch.testing.assert_close(h.grad, h2.grad)
+    assert w.grad is None
+    if "cpp" not in ops.available_backends():
+        pytest.skip("the C++ extension is not built: the fused op's registered kernel cannot be checked")
+    fwd = torch.ops.intro2llm.fused_linear_cross_entropy_fwd.default
+    out = fwd(h.detach(), w, t, None, -100, 0.0, "mean", 5, "cpp", False)
+    assert out[2].numel() == 0 and out[1].shape == h.shape
+    torch.library.opcheck(fwd, (h.detach().requires_grad_(), w, t, None, -100, 0.0, "mean", 5, "cpp", False))

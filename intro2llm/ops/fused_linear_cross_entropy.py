@@ -113,7 +113,9 @@ def _accumulate(grad_logits, h, weight, gh_out, gw32, gb32, first: bool) -> None
     """From one chunk's dL/dlogits (n, V): write grad_hidden rows, add into the fp32 weight and bias gradients
     (``first``: the chunk that initializes the weight gradient, so it needs no zero-fill beforehand)."""
     torch.mm(grad_logits, weight, out=gh_out)  # (n, H)
-    if gw32.dtype == grad_logits.dtype:
+    if gw32 is None:  # a frozen weight (LoRA's LM head): no (V, H) GEMM at all
+        pass
+    elif gw32.dtype == grad_logits.dtype:
         if first:
             torch.mm(grad_logits.t(), h, out=gw32)  # (V, H)
         else:
@@ -140,9 +142,10 @@ def _flce_fwd(
     reduction: str,
     chunk_size: int,
     backend: str,
+    weight_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden (N, H), weight (V, H), targets (N,) → loss () fp32, grad_hidden (N, H), grad_weight (V, H),
-    grad_bias (V,) (empty without bias), the gradients being those of the reduced loss."""
+    """hidden (N, H), weight (V, H), targets (N,) → loss () fp32, grad_hidden (N, H), grad_weight (V, H) (empty
+    when not ``weight_grad``), grad_bias (V,) (empty without bias), the gradients being those of the reduced loss."""
     check_targets(targets, weight.shape[0], ignore_index, OP.name)
     kernel = fwd_bwd_inplace(backend)
     w, b = _cast(weight, bias, hidden.dtype)
@@ -151,7 +154,8 @@ def _flce_fwd(
     scale = 1.0 / n_valid if n_valid > 0 else 0.0  # every token ignored: zero gradients, loss nan (below)
     grad_hidden = torch.empty_like(hidden)  # (N, H)
     # (V, H) fp32, written by the first chunk (zeros when there is none)
-    gw32 = (torch.empty if N > 0 else torch.zeros)(weight.shape, device=weight.device, dtype=torch.float32)
+    gw32 = (torch.empty if N > 0 else torch.zeros)(weight.shape, device=weight.device, dtype=torch.float32) \
+        if weight_grad else None
     gb32 = None if bias is None else torch.zeros(V, device=weight.device, dtype=torch.float32)
     total = torch.zeros((), device=hidden.device, dtype=torch.float32)
     # the only vocabulary-sized buffer, allocated once: a fresh allocation per chunk would pay the OS's page faults
@@ -166,16 +170,20 @@ def _flce_fwd(
         _accumulate(logits, h, w, grad_hidden[start:end], gw32, gb32, start == 0)  # logits hold dL/dlogits
     loss = total / n_valid if reduction == "mean" else total  # 0/0 = nan when every token is ignored
     grad_bias = gb32.to(bias.dtype) if bias is not None else hidden.new_empty(0)
-    return loss, grad_hidden, gw32.to(weight.dtype), grad_bias
+    grad_weight = gw32.to(weight.dtype) if gw32 is not None else hidden.new_empty(0)
+    return loss, grad_hidden, grad_weight, grad_bias
 
 
-def _flce_fake(hidden, weight, targets, bias, ignore_index, label_smoothing, reduction, chunk_size, backend):
+def _flce_fake(hidden, weight, targets, bias, ignore_index, label_smoothing, reduction, chunk_size, backend,
+               weight_grad=True):
     grad_bias = torch.empty_like(bias) if bias is not None else hidden.new_empty(0)
-    return hidden.new_empty((), dtype=torch.float32), torch.empty_like(hidden), torch.empty_like(weight), grad_bias
+    grad_weight = torch.empty_like(weight) if weight_grad else hidden.new_empty(0)
+    return hidden.new_empty((), dtype=torch.float32), torch.empty_like(hidden), grad_weight, grad_bias
 
 
 def _flce_setup_context(ctx, inputs, output):
     ctx.has_bias = inputs[3] is not None
+    ctx.weight_grad = inputs[9] if len(inputs) > 9 else True
     ctx.set_materialize_grads(False)  # else autograd allocates zero (N, H) and (V, H) grads for unused outputs
     # Traced (torch.compile / AOT, fake tensors): plain save_for_backward and an out-of-place scale.
     ctx.in_place = not (torch.compiler.is_compiling() or is_fake(output[1]))
@@ -197,7 +205,8 @@ def _flce_backward(_bwd, ctx, grad_loss, _gh, _gw, _gb):
         grads = [g.mul_(grad_loss.to(g.dtype)) for g in grads]
     else:
         grads = [g * grad_loss for g in ctx.saved_tensors]
-    return grads[0], grads[1], None, grads[2] if ctx.has_bias else None, None, None, None, None, None
+    return (grads[0], grads[1] if ctx.weight_grad else None, None, grads[2] if ctx.has_bias else None, None, None,
+            None, None, None, None)
 
 
 _dispatch.register_kernels(
@@ -358,5 +367,7 @@ def _fused_linear_cross_entropy(
             return loss.reshape(targets.shape).to(loss_dtype)
         total = loss.sum()
         return (total if reduction == "sum" else total / (t != ignore_index).sum()).to(loss_dtype)
-    loss = _flce_fwd(h, w, t, b, int(ignore_index), float(label_smoothing), reduction, chunk, name)[0]
+    # a frozen weight (e.g. the LM head under LoRA) skips the (V, H) weight-gradient GEMM of every chunk
+    loss = _flce_fwd(h, w, t, b, int(ignore_index), float(label_smoothing), reduction, chunk, name,
+                     weight.requires_grad)[0]
     return loss.to(loss_dtype)
