@@ -99,3 +99,40 @@ def test_run_resume_and_load(ckpt, tmp_path, sft):
     ids = torch.tensor([[1, 2, 3, model.config.vocab_size - 1]])
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_loss_equals_trl_sft_trainer(ckpt, tmp_path):
+    """Same weights, same ids and completion mask: our SFT loss == TRL SFTTrainer.compute_loss (completion only)."""
+    pytest.importorskip("trl", reason="trl is the oracle (test extra)")
+    from datasets import Dataset
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+    from trl import SFTConfig
+    from trl import SFTTrainer as TRLSFTTrainer
+
+    from intro2llm.data.sft_dataset import SFTDataset, collate, rows_from_pairs
+    from intro2llm.evaluation.cli import load_checkpoint
+    from intro2llm.training.sft_trainer import SFTTrainer
+    from intro2llm.training.trainer import TrainerConfig
+
+    model, tok = load_checkpoint(str(ckpt))
+    ds = SFTDataset(rows_from_pairs(synthetic.sft_pairs(4, seed=7)), tok, "plain")
+    batch = collate([ds[i] for i in range(4)], tok.eos_token_id)
+    ours = SFTTrainer(model, TrainerConfig(steps=1, batch_size=4, progress=False, tensorboard=False, wandb=False,
+                                           device="cpu"), ds).compute_loss(batch)
+
+    V = model.config.vocab_size
+    word_level = Tokenizer(WordLevel({str(i): i for i in range(V)}, unk_token="0"))
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token=str(tok.eos_token_id),
+                                     eos_token=str(tok.eos_token_id))
+    rows = [ds[i] for i in range(4)]
+    data = Dataset.from_dict({"input_ids": [r["input_ids"].tolist() for r in rows],
+                              "completion_mask": [(r["labels"] != -100).long().tolist() for r in rows]})
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to="none", use_cpu=True,
+                     completion_only_loss=True, max_length=None, save_strategy="no")
+    trl = TRLSFTTrainer(model=LlamaForCausalLM.from_pretrained(ckpt), args=args, train_dataset=data,
+                        processing_class=hf_tok)
+    inputs = next(iter(trl.get_train_dataloader()))
+    theirs = trl.compute_loss(trl.model, inputs)
+    torch.testing.assert_close(ours, theirs.detach(), atol=1e-5, rtol=1e-5)
