@@ -160,3 +160,13 @@ def test_train_cli_lora_init_resume_and_errors(tmp_path, capsys):
     assert latest_checkpoint(out / "checkpoints").name.endswith("3")
     model = load_adapted_model(out)
     assert len(lora_layers(model)) == 7 * MICRO["num_hidden_layers"]
+    # the DPO command takes the same flags: adapters on the policy, the reference stays the full base
+    from intro2llm.cli import main
+
+    dpo = tmp_path / "dpo"
+    assert main(["dpo", "--ckpt", str(tmp_path / "base"), "--lora", "2", "--steps", "1", "--batch-size", "2",
+                 "--num-train", "8", "--accuracy-samples", "0", "--out", str(dpo), "--no-progress",
+                 "--no-tensorboard"]) == 0
+    ck = load_checkpoint(latest_checkpoint(dpo / "checkpoints"))
+    assert ck.model_state and all(".lora_" in k for k in ck.model_state)
+    assert json.loads((dpo / "adapter_config.json").read_text())["r"] == 2

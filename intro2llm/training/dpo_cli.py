@@ -66,6 +66,9 @@ def register(subparsers) -> None:  # noqa: ANN001 - argparse's private subparser
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-tensorboard", action="store_true")
+    from intro2llm.training.peft_args import add_peft_args
+
+    add_peft_args(p)  # --lora R / --qlora: adapters on the policy; the reference stays the full --ckpt model
     p.set_defaults(func=run)
 
 
@@ -142,6 +145,15 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     print(f"dpo: template {template.name} (added tokens {added or 'none'}), data {ds.stats}", file=sys.stderr)
     torch.manual_seed(args.seed)
+    from intro2llm.training.peft_args import apply_peft_args, peft_requested
+
+    if added and peft_requested(args):
+        return _fail(f"template {template.name!r} adds special tokens {added} that the base model lacks; LoRA keeps "
+                     "the base's embeddings frozen: use the checkpoint's own template, or full fine-tuning")
+    try:
+        model = apply_peft_args(model, args, base=str(Path(args.ckpt).resolve()))
+    except ValueError as exc:
+        return _fail(str(exc))
     tc = TrainerConfig(
         steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, lr=args.lr,
         warmup_steps=min(args.warmup, args.steps), schedule=args.schedule, optimizer=args.optimizer,
