@@ -292,3 +292,53 @@ def test_cli_errors(tiny_ckpt, tmp_path, capsys):
     assert "unknown reward" in capsys.readouterr().err
     assert main(["ppo", "--ckpt", str(tiny_ckpt), *base, "--clip-eps", "0"]) == 2
     assert "clip_eps must be > 0" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ shared prompts
+def test_shared_prompt_forward_equals_the_plain_forward():
+    model = tiny_model(4)
+    r = rl.generate_responses(model, PROMPTS, n=4, temperature=1.0, max_new_tokens=6,
+                              generator=torch.Generator().manual_seed(1))
+    a = rl.response_logprobs(model, r, 0.9)
+    grads_a = torch.autograd.grad(a.sum(), list(model.parameters()))
+    b = rl.response_logprobs(model, r, 0.9, group_size=4)
+    grads_b = torch.autograd.grad(b.sum(), list(model.parameters()))
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(gb, ga, atol=1e-4, rtol=1e-4)
+    # rows whose groups do not share a prompt take the plain path (same result)
+    mixed = r.select(torch.tensor([0, 4, 1, 5]))
+    torch.testing.assert_close(rl.response_logprobs(model, mixed, 0.9, group_size=2), a[[0, 4, 1, 5]])
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "softmax_weighted"])
+def test_grpo_micro_batches_accumulate_the_whole_batch_gradient(loss_type):
+    from intro2llm.data.prepare import synthetic_tokenizer
+    from intro2llm.data.synthetic import pretrain_documents
+    from intro2llm.training.grpo_trainer import GRPOConfig, GRPOTrainer
+
+    tok = synthetic_tokenizer(list(pretrain_documents(100, seed=0)))
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=32, eos_token_id=tok.eos_token_id))
+    prompts = ["Q: 1+2=?\nA:", "Q: 12+30=?\nA:", "Q: 7+7=?\nA:"]
+    grads = []
+    for micro in (None, 2):
+        cfg = GRPOConfig(prompts_per_step=3, num_generations=2, max_new_tokens=3, loss_type=loss_type, beta=0.05,
+                         micro_batch_size=micro)
+        tr = GRPOTrainer(model, tok, rl.synthetic_reward, GRPODataset(prompts, 2), cfg)
+        r = rl.generate_responses(model, prompts, 2, tokenizer=tok, max_new_tokens=3,
+                                  generator=torch.Generator().manual_seed(0))
+        adv = tr.compute_advantages(torch.tensor([1.0, 0.1, 0.0, 1.0, 0.1, 0.1]))
+        noise = torch.randn(r.old_logprobs.shape, generator=torch.Generator().manual_seed(5))
+        old = r.old_logprobs + 0.05 * noise * r.response_mask  # ratios != 1
+        r.old_logprobs = old
+        with torch.no_grad():
+            ref = rl.response_logprobs(tr.ref_model, r) + 0.1 * r.response_mask
+        model.zero_grad()
+        st = tr.compute_gradients(r, adv, torch.arange(6), ref, num_items=r.response_mask.sum())
+        grads.append(([p.grad.clone() for p in model.parameters()], st["loss"]))
+    (g_all, loss_all), (g_micro, loss_micro) = grads
+    assert loss_micro == pytest.approx(loss_all, rel=1e-5, abs=1e-7)
+    for a, b in zip(g_all, g_micro):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)

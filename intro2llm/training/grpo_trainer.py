@@ -168,7 +168,8 @@ class GRPOConfig:
     scale_rewards: bool = True
     softmax_temperature: float = 1.0  # τ of softmax_weighted
     num_iterations: int = 1  # μ: passes over each generation batch
-    num_minibatches: int = 1
+    num_minibatches: int = 1  # optimizer steps per pass (each over whole groups)
+    micro_batch_size: int | None = 32  # rows per forward/backward (rounded to whole groups); None: all at once
     grad_clip: float | None = 1.0
     weight_decay: float = 0.0
     seed: int = 0
@@ -186,8 +187,10 @@ class GRPOConfig:
             raise ValueError(f"GRPOConfig: clip epsilons must be > 0, got {self.epsilon_low}, {self.epsilon_high}")
         if self.beta < 0:
             raise ValueError(f"GRPOConfig.beta must be >= 0, got {self.beta}")
-        if self.prompts_per_step * self.num_generations < self.num_minibatches:
-            raise ValueError("GRPOConfig: fewer responses per step than mini-batches")
+        if self.prompts_per_step < self.num_minibatches:
+            raise ValueError("GRPOConfig: fewer prompts (groups) per step than mini-batches")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"GRPOConfig.micro_batch_size must be >= 1 or None, got {self.micro_batch_size}")
 
 
 class GRPOTrainer:
@@ -232,9 +235,46 @@ class GRPOTrainer:
             return softmax_group_weights(rewards, c.num_generations, c.softmax_temperature)
         return group_advantages(rewards, c.num_generations, c.scale_rewards)
 
+    def compute_gradients(self, rollout: Rollout, advantages: torch.Tensor, rows: torch.Tensor,
+                          ref_logprobs: torch.Tensor | None = None, num_items: torch.Tensor | None = None
+                          ) -> dict[str, float]:
+        """Accumulate into ``.grad`` the gradient of the loss over ``rows`` (whole groups, in order), in
+        micro-batches of ``micro_batch_size`` rows; each micro-batch's loss is scaled so the sum equals the loss
+        over all of ``rows`` at once (tested). Returns the mini-batch's loss and stats."""
+        c, G = self.config, self.config.num_generations
+        mask = rollout.response_mask
+        n_rows = rows.numel()
+        micro = max(G, (c.micro_batch_size or n_rows) // G * G)  # whole groups per micro-batch
+        tokens = mask[rows].sum().clamp(min=1.0)
+        wsum = advantages[rows].sum() if c.loss_type == "softmax_weighted" else None
+        totals: dict[str, float] = {}
+        for i in range(0, n_rows, micro):
+            r = rows[i : i + micro]
+            sub = rollout.select(r)
+            lp = response_logprobs(self.model, sub, c.temperature, group_size=G)
+            loss, st = compute_grpo_loss(
+                lp, sub.old_logprobs, advantages[r], sub.response_mask,
+                ref_logprobs=None if ref_logprobs is None else ref_logprobs[r], beta=c.beta,
+                epsilon_low=c.epsilon_low, epsilon_high=c.epsilon_high, loss_type=c.loss_type,
+                max_completion_length=c.max_new_tokens, num_items_in_batch=num_items)
+            if c.loss_type in ("grpo", "dr_grpo"):
+                w = r.numel() / n_rows
+            elif c.loss_type == "bnpo":
+                w = (sub.response_mask.sum() / tokens).item()
+            elif c.loss_type == "softmax_weighted":
+                w = (advantages[r].sum() / wsum).item()
+            else:  # dapo: already divided by the generation batch's token count
+                w = 1.0
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"GRPO loss is {loss.item()} at step {self.step}")
+            (loss * w).backward()
+            for k, v in {"loss": loss.item(), **{k: v.item() for k, v in st.items()}}.items():
+                totals[k] = totals.get(k, 0.0) + w * v if k == "loss" else totals.get(k, 0.0) + v * r.numel() / n_rows
+        return totals
+
     def training_step(self, prompts: Sequence[str] | None = None) -> dict[str, float]:
         """One generation batch: rollout, rewards, advantages, ``num_iterations`` × mini-batch updates."""
-        c = self.config
+        c, G = self.config, self.config.num_generations
         if prompts is None:
             prompts = [it.prompt for it in self.dataset.next_prompts(c.prompts_per_step)]
         rollout = self.generate_responses(prompts)
@@ -244,37 +284,28 @@ class GRPOTrainer:
         ref_lp = None
         if self.ref_model is not None:
             with torch.no_grad():
-                ref_lp = response_logprobs(self.ref_model, rollout, c.temperature)
-        N = mask.shape[0]
-        mb = math.ceil(N / c.num_minibatches)
-        num_items = mask.sum()
+                ref_lp = response_logprobs(self.ref_model, rollout, c.temperature, group_size=G)
+        P = mask.shape[0] // G
+        per_mb = math.ceil(P / c.num_minibatches)  # mini-batches hold whole groups
+        num_items = mask.sum() / c.num_minibatches
         self.model.train()
         stats: dict[str, list[float]] = {}
         for _ in range(c.num_iterations):
-            perm = torch.randperm(N, generator=self.generator, device=self.device) if c.num_minibatches > 1 \
-                else torch.arange(N, device=self.device)
-            for i in range(0, N, mb):
-                rows = perm[i : i + mb]
-                sub = rollout.select(rows)
-                lp = response_logprobs(self.model, sub, c.temperature)
-                loss, st = compute_grpo_loss(
-                    lp, sub.old_logprobs, adv[rows], sub.response_mask,
-                    ref_logprobs=None if ref_lp is None else ref_lp[rows], beta=c.beta, epsilon_low=c.epsilon_low,
-                    epsilon_high=c.epsilon_high, loss_type=c.loss_type, max_completion_length=c.max_new_tokens,
-                    num_items_in_batch=num_items / c.num_minibatches)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"GRPO loss is {loss.item()} at step {self.step}")
+            order = torch.randperm(P, generator=self.generator, device=self.device) if c.num_minibatches > 1 \
+                else torch.arange(P, device=self.device)
+            for i in range(0, P, per_mb):
+                groups = order[i : i + per_mb]
+                rows = (groups[:, None] * G + torch.arange(G, device=self.device)).reshape(-1)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                st = self.compute_gradients(rollout, adv, rows, ref_lp, num_items)
                 gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                     c.grad_clip if c.grad_clip else float("inf"))
                 self.optimizer.step()
-                for k, v in {"loss": loss.item(), "grad_norm": float(gn), **{k: v.item() for k, v in st.items()}
-                             }.items():
+                for k, v in {**st, "grad_norm": float(gn)}.items():
                     stats.setdefault(k, []).append(v)
         self.step += 1
         out = {k: sum(v) / len(v) for k, v in stats.items()}
-        g = rewards.view(-1, c.num_generations)
+        g = rewards.view(-1, G)
         out.update(reward=rewards.mean().item(), reward_std=g.std(dim=1).mean().item(),
                    frac_reward_zero_std=(g.std(dim=1) == 0).float().mean().item(),
                    response_length=mask.sum(-1).mean().item(),

@@ -27,7 +27,7 @@ import torch
 
 from intro2llm import ops
 from intro2llm.model.causal_lm import sample_next_token
-from intro2llm.model.kv_cache import StaticKVCache
+from intro2llm.model.kv_cache import DynamicKVCache, StaticKVCache
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
@@ -290,17 +290,38 @@ def generate_responses(
 # Log-probs of responses under a model
 # ---------------------------------------------------------------------------------------------------------------
 def response_logprobs(
-    model: torch.nn.Module, rollout: Rollout, temperature: float = 1.0, return_hidden: bool = False
+    model: torch.nn.Module, rollout: Rollout, temperature: float = 1.0, return_hidden: bool = False,
+    group_size: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log π(response token | prefix) (N, Tr) fp32, 0 where the response mask is 0.
 
     One forward of prompt + response; the final-norm hidden state at position Tp-1+j predicts response token j,
     and ``ops.fused_linear_logprobs`` turns those states into log-probs chunk by chunk (no (N, T, V) logits).
     ``return_hidden=True`` also returns those states (N, Tr, C) (PPO's value head reads them).
+
+    ``group_size=g``: rows come in groups of g that share one prompt (GRPO's layout). The prompt then runs once
+    per group and its keys/values are repeated for the g responses (the training-side twin of the shared
+    prefill in ``generate_responses``): (N/g)·Tp + N·Tr token-forwards instead of N·(Tp + Tr), same values and
+    gradients (autograd sums the g copies' gradients into the one prompt pass). Falls back to the plain forward
+    when the rows of a group do not share their prompt.
     """
     Tp = rollout.prompt_ids.shape[1]
-    out = model(rollout.input_ids, attention_mask=rollout.attention_mask, return_logits=False)
-    h = out.hidden_states[:, Tp - 1 : -1]  # (N, Tr, C): the states that predict the response tokens
+    N = rollout.prompt_ids.shape[0]
+    g = group_size or 1
+    shared = g > 1 and N % g == 0 and torch.equal(rollout.prompt_ids[::g].repeat_interleave(g, 0), rollout.prompt_ids) \
+        and torch.equal(rollout.prompt_mask[::g].repeat_interleave(g, 0), rollout.prompt_mask)
+    if shared:
+        cache = DynamicKVCache()
+        first = model(rollout.prompt_ids[::g], attention_mask=rollout.prompt_mask[::g], kv_cache=cache,
+                      return_logits=False)
+        cache.keys = [k.repeat_interleave(g, 0) for k in cache.keys]  # (N, Hkv, Tp, D)
+        cache.values = [v.repeat_interleave(g, 0) for v in cache.values]
+        rest = model(rollout.response_ids, attention_mask=rollout.attention_mask, kv_cache=cache,
+                     return_logits=False)
+        h = torch.cat([first.hidden_states[:, -1:].repeat_interleave(g, 0), rest.hidden_states[:, :-1]], dim=1)
+    else:
+        out = model(rollout.input_ids, attention_mask=rollout.attention_mask, return_logits=False)
+        h = out.hidden_states[:, Tp - 1 : -1]  # (N, Tr, C): the states that predict the response tokens
     targets = rollout.response_ids.masked_fill(rollout.response_mask == 0, -100)
     lp = ops.fused_linear_logprobs(h, model.lm_head.weight, targets, ignore_index=-100,
                                    temperature=temperature if temperature > 0 else 1.0)
