@@ -66,15 +66,19 @@ I2L_INLINE vf vcopysign(vf mag, vf sgn) {
   return (vf)(((vi)mag & 0x7fffffff) | ((vi)sgn & static_cast<int32_t>(0x80000000u)));
 }
 
-// exp(x), ~2 ulp for x in [-87, 88] (Cephes expf); clamped outside, which the sigmoid-style callers need only
-// for saturation: exp(-87) ~ 1.6e-38 stands in for 0 and exp(88) ~ 1.7e38 for infinity.
+// exp(x), ~2 ulp for x in [-87, 88] (Cephes expf); exactly 0 below -87 and +inf above log(FLT_MAX) = 88.72,
+// as expf (within 1.6e-38 of it below -87). Stand-ins such as exp(-87) ~ 1.6e-38 for 0 are no saturation once a
+// caller multiplies by a huge x: silu(-1e36) = -1e36 * sigmoid(-1e36) came out -6e-3 instead of -0.
 I2L_INLINE vf vexp(vf x) {
+  const vf x0 = x;
   x = x < splat(-87.0f) ? splat(-87.0f) : x;
   x = x > splat(88.0f) ? splat(88.0f) : x;
   // n = round(x / ln2), by truncating a positive number (t + 128.5 > 0 for x >= -87)
   const vi n = __builtin_convertvector(x * 1.44269504088896341f + 128.5f, vi) - 128;
   const vf y = exp_reduced(x, __builtin_convertvector(n, vf));  // simd.h
-  return y * (vf)((n + 127) << 23);  // times 2^n, built in the exponent bits
+  const vf r = y * (vf)((n + 127) << 23);  // times 2^n, built in the exponent bits
+  const vf big = x0 > splat(88.7228391f) ? splat(__builtin_inff()) : r;
+  return x0 < splat(-87.0f) ? splat(0.0f) : big;
 }
 
 I2L_INLINE vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
@@ -122,7 +126,10 @@ I2L_INLINE void act_fwd_bwd(vf x, vf& a, vf& da) {
   } else {
     const vf k = vsigmoid(2.0f * kSqrt2OverPi * (x + kGeluC * x * x * x));
     a = x * k;
-    da = k + x * k * (1.0f - k) * (2.0f * kSqrt2OverPi) * (1.0f + 3.0f * kGeluC * x * x);
+    // x^2 capped: past |x| ~ 1e19 it overflows, and k (1 - k), exactly 0 there, times inf gave NaN, not 0.
+    const vf x2 = x * x;
+    const vf x2c = x2 > splat(1e30f) ? splat(1e30f) : x2;
+    da = k + x * k * (1.0f - k) * (2.0f * kSqrt2OverPi) * (1.0f + 3.0f * kGeluC * x2c);
   }
 }
 
