@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from intro2llm import ops
-from intro2llm.model import CausalLM, ModelConfig
+from intro2llm.model import CausalLM, ModelConfig, fast_decode
+from intro2llm.model.fast_decode import DecodeWeights
 from intro2llm.model.kv_cache import StaticKVCache
 from intro2llm.ops import _dispatch
 
@@ -61,28 +62,27 @@ def test_cpp_step_equals_python_step(B, kw, padded):
     kpm = None if mask is None else torch.cat([mask, torch.ones(B, 1, dtype=torch.bool)], dim=1)
     pos = _positions(mask, B, T0)
     with torch.no_grad():
-        fused = model._fused_decode_weights(transposed=True)
-        args = model._cpp_decode_args(fused, cache_a)
-        assert args is not None, "the C++ decode step should apply to this model"
-        got = model._cpp_decode_step(nxt, pos, cache_a, kpm, args)
-        want = model._fast_decode_step(nxt[:, None], pos, cache_b, kpm, fused)
+        w = DecodeWeights.from_model(model)
+        assert fast_decode.cpp_applies(w, cache_a), "the C++ decode step should apply to this model"
+        got = fast_decode.cpp_step(model, w, nxt, pos, cache_a, kpm)
+        want = fast_decode.python_step(model, w, nxt, pos, cache_b, kpm)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert cache_a.seq_len == cache_b.seq_len == T0 + 1
     torch.testing.assert_close(cache_a.k[:, :, :, : T0 + 1], cache_b.k[:, :, :, : T0 + 1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cache_a.v[:, :, :, : T0 + 1], cache_b.v[:, :, :, : T0 + 1], rtol=1e-5, atol=1e-5)
 
 
-def test_generate_uses_the_cpp_step_and_matches_the_reference_ops():
+def test_generate_uses_the_cpp_step_and_matches_the_reference_ops(monkeypatch):
     model = make_model(3)
     ids = torch.randint(0, 97, (4, 5))
     calls = []
-    original = model._cpp_decode_step
+    original = fast_decode.cpp_step
 
     def spy(*a, **k):
         calls.append(1)
         return original(*a, **k)
 
-    model._cpp_decode_step = spy
+    monkeypatch.setattr(fast_decode, "cpp_step", spy)
     fast = model.generate(ids, 12)
     assert len(calls) == 11  # every step after the prefill's first token
     calls.clear()
@@ -95,8 +95,7 @@ def test_generate_uses_the_cpp_step_and_matches_the_reference_ops():
 def test_cpp_step_is_skipped_where_it_does_not_apply():
     model = make_model(4).double()
     cache = StaticKVCache.from_config(model.config, 1, 8, dtype=torch.float64)
-    fused = model._fused_decode_weights(transposed=True)
-    assert model._cpp_decode_args(fused, cache) is None  # float64: the Python step runs
+    assert not fast_decode.cpp_applies(DecodeWeights.from_model(model), cache)  # float64: the Python step runs
     ids = torch.randint(0, 97, (1, 4))
     assert torch.equal(model.generate(ids, 5), model.generate(ids, 5, use_cache=False))
 
@@ -104,8 +103,8 @@ def test_cpp_step_is_skipped_where_it_does_not_apply():
 def test_decode_step_bad_input():
     model = make_model(5)
     cache, _, nxt = _prefilled(model, 2, 4, padded=False)
-    fused = model._fused_decode_weights(transposed=True)
-    flat, norm_w, head, eps = model._cpp_decode_args(fused, cache)
+    w = DecodeWeights.from_model(model)
+    flat, norm_w, head, eps = w.flat(), w.norm, w.head, w.eps
     h = model.embed_tokens.weight[nxt]
     cos = torch.ones(1, model.config.head_dim)
     op = torch.ops.intro2llm.decode_step

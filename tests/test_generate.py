@@ -8,6 +8,7 @@ import torch
 
 from intro2llm.model import CausalLM, ModelConfig, sample_next_token, top_k_filter, top_p_filter
 from intro2llm.model.causal_lm import apply_repetition_penalty
+from intro2llm.model.fast_decode import DecodeWeights
 
 
 def make_model(seed: int = 0, **kw) -> CausalLM:
@@ -161,7 +162,7 @@ def test_fast_decode_path_equals_module_path():
     # A swapped linear (as LoRA / 4-bit layers do) disables the fused decode step; both paths give the same tokens.
     model = make_model(8)
     ids = torch.randint(0, 71, (3, 4))
-    assert model._fused_decode_weights(transposed=True) is not None
+    assert DecodeWeights.from_model(model) is not None
     fast = model.generate(ids, 25)
 
     class PlainSubclass(torch.nn.Linear):
@@ -171,7 +172,7 @@ def test_fast_decode_path_equals_module_path():
     new = PlainSubclass(old.in_features, old.out_features, bias=False)
     new.load_state_dict(old.state_dict())
     model.layers[0].self_attn.q_proj = new
-    assert model._fused_decode_weights(transposed=True) is None
+    assert DecodeWeights.from_model(model) is None
     assert torch.equal(model.generate(ids, 25), fast)
 
 

@@ -9,7 +9,8 @@ Generation (``generate`` / ``stream_generate``): the prompt is run once (prefill
 sized for prompt + new tokens, then one token per step (decode). Rows of a left-padded batch get
 ``position_ids = cumsum(attention_mask) - 1`` and their pad keys are masked, so each row generates exactly
 what it would alone. The decode loop allocates nothing per step except the step's activations: the mask,
-positions and rotary tables are sliced from buffers made once.
+positions and rotary tables are sliced from buffers made once; each step runs on the decode-time weight
+bundle of ``intro2llm.model.fast_decode`` (one C++ call per step on fp32 CPU) where the stack allows it.
 
 Names of parameters follow Hugging Face Llama without the ``model.`` prefix (``embed_tokens``, ``layers.N.
 self_attn.q_proj``, ``norm``, ``lm_head``): ``intro2llm.interop`` maps them. Not handled: beam search,
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from intro2llm import ops
+from intro2llm.model import fast_decode
 from intro2llm.model.config import ModelConfig
 from intro2llm.model.embedding import (
     RotaryEmbedding,
@@ -383,142 +385,15 @@ class CausalLM(nn.Module):
             steps = torch.arange(T0, total, device=device)[:, None]  # (n, 1): step i uses positions steps[i]
         h = self._backbone(input_ids, pos, cache, None if full_mask is None else full_mask[:, :T0])
         nxt = yield self.lm_head(h[:, -1])  # (B, V) in, (B,) next tokens back
-        fused = self._fused_decode_weights(transposed=True)  # None: a module was swapped (LoRA, 4-bit)
-        flat = self._cpp_decode_args(fused, cache) if fused is not None else None
+        step = fast_decode.step_for(self, cache)  # None: a module was swapped (LoRA, 4-bit): the module path
         for i in range(max_new_tokens - 1):
             p = steps[i] if full_mask is None else steps[:, i : i + 1]
             kpm = None if full_mask is None else full_mask[:, : T0 + i + 1]
-            if flat is not None:
-                nxt = yield self._cpp_decode_step(nxt, p, cache, kpm, flat)
-            elif fused is not None:
-                nxt = yield self._fast_decode_step(nxt[:, None], p, cache, kpm, fused)
+            if step is not None:
+                nxt = yield step(nxt, p, kpm)
             else:
                 h = self._backbone(nxt[:, None], p, cache, kpm)  # (B, 1, C)
                 nxt = yield self.lm_head(h[:, -1])
-
-    def _fused_decode_weights(self, transposed: bool
-                              ) -> tuple[list[tuple[torch.Tensor | None, ...]], torch.Tensor, bool] | None:
-        """Decode-time weight layout, built once per ``generate`` call: per layer (W_qkv, b_qkv, W_o, b_o,
-        W_gate_up, b_gate_up, W_down, b_down), the LM head's W, and the ``transposed`` flag.
-
-        A decode step is a chain of small matrix products bound by reading the weights (batch 1) or by the
-        multiply-adds (batch 8). q/k/v (and gate/up) are concatenated so one product reads them in one pass
-        with one call. ``transposed`` stores each matrix as (in, out) row-major so ``x @ Wᵀ`` streams the
-        weight rows: for one row MKL runs that 1.3-1.6x faster than ``F.linear``'s (out, in) layout (8192x256
-        head: 283 vs 440 us; shared CPU, single thread); for 8 rows with weights cold in cache (a real decode
-        step reads 40 MB) it measured ~10% faster too (6.4 vs 7.2 ms per step, tiny preset).
-        The step below also skips ``nn.Module.__call__``. Costs one copy of the weights while generating.
-        Only for the plain Llama-style stack: any swapped or different module (LoRA, 4-bit linear,
-        LayerNorm, GeGLU, Post-LN, active dropout) returns None and decoding takes the module path.
-        """
-        c = self.config
-        if not (c.use_rope and c.use_rms_norm and c.ffn_type == "swiglu" and c.norm_position == "pre"):
-            return None
-        if self.training and c.dropout > 0:
-            return None
-        from intro2llm.model.feedforward import SwiGLU
-        from intro2llm.model.norm import RMSNorm
-
-        def cat_t(*mods: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-            w = torch.cat([m.weight for m in mods])  # (out, in)
-            b = None if mods[0].bias is None else torch.cat([m.bias for m in mods])
-            return (w.t().contiguous() if transposed else w), b
-
-        layers = []
-        for layer in self.layers:
-            a, mlp = layer.self_attn, layer.mlp
-            if not isinstance(mlp, SwiGLU):
-                return None
-            linears = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-            if any(type(m) is not nn.Linear for m in linears):
-                return None
-            if type(layer.input_layernorm) is not RMSNorm or type(layer.post_attention_layernorm) is not RMSNorm:
-                return None
-            layers.append((*cat_t(a.q_proj, a.k_proj, a.v_proj), *cat_t(a.o_proj), *cat_t(mlp.gate_proj, mlp.up_proj),
-                           *cat_t(mlp.down_proj)))
-        if type(self.norm) is not RMSNorm or type(self.lm_head) is not nn.Linear:
-            return None
-        head = self.lm_head.weight
-        return layers, (head.t().contiguous() if transposed else head), transposed
-
-    def _fast_decode_step(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, kpm: torch.Tensor | None,
-                          fused: tuple[list[tuple[torch.Tensor | None, ...]], torch.Tensor, bool]) -> torch.Tensor:
-        """One decode step (B, 1) → (B, V) logits: the module path's math on the decode-time weight layout."""
-        c = self.config
-        B = ids.shape[0]
-        H, Hkv, D, F = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size
-        qs, ks = H * D, Hkv * D
-
-        layers, head, transposed = fused
-        if transposed:
-            def mm(x: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-                return x @ wt if b is None else torch.addmm(b, x, wt)
-        else:
-            mm = nn.functional.linear
-
-        h = nn.functional.embedding(ids[:, 0], self.embed_tokens.weight)  # (B, C)
-        cos, sin = self.rotary(pos, check=False)
-        for i, layer in enumerate(self.layers):
-            wt_qkv, b_qkv, wt_o, b_o, wt_gu, b_gu, wt_down, b_down = layers[i]
-            x = ops.rms_norm(h, layer.input_layernorm.weight, layer.input_layernorm.eps)
-            qkv = mm(x, wt_qkv, b_qkv)  # (B, q + 2kv)
-            q = qkv[:, :qs].view(B, H, 1, D)  # (B, H, 1, D)
-            k = qkv[:, qs : qs + ks].view(B, Hkv, 1, D)  # (B, Hkv, 1, D)
-            v = qkv[:, qs + ks :].view(B, Hkv, 1, D)
-            q, k = ops.apply_rope(q, k, cos, sin)
-            k, v = cache.update(i, k, v)  # (B, Hkv, T, D)
-            o = ops.flash_attention(q, k, v, causal=True, window=c.sliding_window, key_padding_mask=kpm)
-            h = h + mm(o.view(B, qs), wt_o, b_o)  # (B, C)
-            x = ops.rms_norm(h, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
-            gu = mm(x, wt_gu, b_gu)  # (B, 2F)
-            h = h + mm(ops.swiglu(gu[:, :F], gu[:, F:]), wt_down, b_down)
-        cache.advance(1)
-        return mm(ops.rms_norm(h, self.norm.weight, self.norm.eps), head, None)  # (B, V)
-
-    def _cpp_decode_args(self, fused: tuple[list[tuple[torch.Tensor | None, ...]], torch.Tensor, bool],
-                         cache: KVCache) -> tuple[list[torch.Tensor | None], torch.Tensor, torch.Tensor, float] | None:
-        """Arguments of ``intro2llm::decode_step`` (csrc/cpu/decode_step.cpp, every layer of a step in one C++
-        call), or None where it does not apply and ``_fast_decode_step`` runs: not CPU/fp32, no C++ extension,
-        another backend requested (``use_backend`` / ``INTRO2LLM_BACKEND``), or norms with different eps."""
-        from intro2llm.ops import _dispatch
-
-        layers, head, transposed = fused
-        if not (transposed and isinstance(cache, StaticKVCache) and cache.k.dtype == torch.float32
-                and head.device.type == "cpu" and head.dtype == torch.float32):
-            return None
-        try:
-            if _dispatch.resolve_backend("decode_step", head.device, implemented=("reference", "cpp"),
-                                         compiled_op="decode_step", dtype=torch.float32) != "cpp":
-                return None
-        except _dispatch.BackendUnavailableError:
-            return None  # a backend this fast path does not have was asked for: the ops path honours it
-        norms = [m for layer in self.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
-        norms.append(self.norm)
-        eps = norms[0].eps
-        if any(n.eps != eps or n.weight.dtype != torch.float32 for n in norms):
-            return None
-        flat: list[torch.Tensor | None] = []
-        for layer, (w_qkv, b_qkv, w_o, b_o, w_gu, b_gu, w_down, b_down) in zip(self.layers, layers):
-            flat += [layer.input_layernorm.weight.detach().contiguous(), w_qkv, b_qkv, w_o, b_o,
-                     layer.post_attention_layernorm.weight.detach().contiguous(), w_gu, b_gu, w_down, b_down]
-        if any(t is not None and t.dtype != torch.float32 for t in flat):
-            return None
-        return flat, self.norm.weight.detach().contiguous(), head, eps
-
-    def _cpp_decode_step(self, nxt: torch.Tensor, pos: torch.Tensor, cache: StaticKVCache, kpm: torch.Tensor | None,
-                         args: tuple[list[torch.Tensor | None], torch.Tensor, torch.Tensor, float]) -> torch.Tensor:
-        """One decode step (B,) next ids → (B, V) logits in one C++ call (the math of ``_fast_decode_step``)."""
-        flat, norm_w, head, eps = args
-        c = self.config
-        h = nn.functional.embedding(nxt, self.embed_tokens.weight)  # (B, C)
-        cos, sin = self.rotary(pos, check=False)
-        D = c.head_dim
-        logits = torch.ops.intro2llm.decode_step(
-            h, flat, norm_w, head, cache.k, cache.v, cache.seq_len, cos.reshape(-1, D).float().contiguous(),
-            sin.reshape(-1, D).float().contiguous(), kpm, c.num_attention_heads, eps, c.sliding_window or 0,
-        )
-        cache.advance(1)
-        return logits
 
     def _decode_uncached(self, input_ids: torch.Tensor, mask: torch.Tensor | None,
                          max_new_tokens: int) -> Iterator[torch.Tensor]:
@@ -533,6 +408,7 @@ class CausalLM(nn.Module):
                 m = torch.cat([m, torch.ones_like(m[:, :1])], dim=1)
 
     # ------------------------------------------------------------------------------------------------ interop
+    # interop depends on model, not the reverse: these two thin methods import it when called.
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device: torch.device | str | None = None
                         ) -> CausalLM:
