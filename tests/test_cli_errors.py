@@ -116,3 +116,26 @@ def test_ppl_never_reports_negative_bytes(ckpt, tmp_path, capsys):
     assert res["perplexity"] > 0
     with pytest.raises(ValueError, match="n_bytes must be a positive int"):
         evaluate_perplexity(lambda x: torch.zeros(*x.shape, 4), [1, 2, 3], n_bytes=-4)
+
+
+def test_tokenizer_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    import io
+
+    from intro2llm.tokenizer import ByteLevelBPETokenizer
+
+    good = tmp_path / "tok.json"
+    ByteLevelBPETokenizer().save(good)
+    deep = tmp_path / "deep.json"
+    deep.write_text("{" * 1 + '"a":' + "[" * 100_000 + "]" * 100_000 + "}")
+    abstract = tmp_path / "abstract.json"
+    abstract.write_text(json.dumps(dict(json.loads(good.read_text()), type="BaseTokenizer")))
+    cases = ((tmp_path, "is a directory"), (deep, "nested too deeply"), (abstract, "abstract tokenizer type"))
+    for path, needle in cases:
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"hello")))
+        assert main(["tokenizer", "encode", "--tokenizer", str(path)]) == 2
+        _one_line_error(capsys, needle)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world, hello world\n" * 20)
+    assert main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "300", "--out",
+                 str(tmp_path / "t.json"), "--pattern", r"\w+", "--quiet"]) == 2
+    _one_line_error(capsys, "does not cover the text")
