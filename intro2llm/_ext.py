@@ -133,6 +133,29 @@ def ensure_cuda_arch_list(torch, cuda_home: str | None) -> str | None:
     return f"no GPU visible: CUDA kernels built for TORCH_CUDA_ARCH_LIST={arches}"
 
 
+def cuda_headers_problem() -> str | None:
+    """None when torch's CUDA headers (``ATen/cuda/CUDAContext.h``, which the CUDA bindings include) compile here,
+    else the compiler's first error (a toolkit without cuBLAS headers, say). Seconds, instead of a failed CUDA build
+    that would first spend minutes on every ``.cu`` file."""
+    import tempfile
+
+    from torch.utils import cpp_extension
+
+    try:
+        incs = cpp_extension.include_paths(device_type="cuda")
+    except TypeError:  # torch < 2.6
+        incs = cpp_extension.include_paths(cuda=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "probe.cpp"
+        src.write_text("#include <ATen/cuda/CUDAContext.h>\nint main() { return 0; }\n")
+        cmd = [os.environ.get("CXX", "c++"), "-std=c++17", "-fsyntax-only", *[f"-I{p}" for p in incs], str(src)]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"cannot run the C++ compiler ({exc})"
+    return None if out.returncode == 0 else first_error_line(out.stderr + out.stdout)
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -407,7 +430,7 @@ def resolve(
         except (ImportError, OSError) as exc:
             status, detail = "corrupt", f"it does not load ({exc})"
     if status == "corrupt":
-        log(f"intro2llm: the cached build in {cdir} is unusable ({detail}); rebuilding it")
+        log(f"intro2llm: the cached build in {cdir} is unusable ({detail}); removed it")
         shutil.rmtree(cdir, ignore_errors=True)
         status = "absent"
     if status == "failed" and build != "force":
@@ -448,6 +471,11 @@ def _build_into(cdir, csrc, ident, src_hash, why, torch_mod, importer, builder, 
         "a few minutes")
     cdir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    if with_cuda and builder is jit_build:
+        problem = cuda_headers_problem()
+        if problem is not None:
+            with_cuda, cuda_note = False, f"torch's CUDA headers do not compile here ({problem})"
+            log(f"intro2llm: {cuda_note}; compiling the C++ kernels alone")
     rec = dict(ident, source_hash=src_hash, so="_C.so", built_by="intro2llm._ext (torch.utils.cpp_extension.load)")
     try:
         try:

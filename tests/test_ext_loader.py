@@ -129,7 +129,7 @@ def test_corrupt_cached_build_is_detected_and_rebuilt(h, damage):
     st = h.resolve()
     assert len(h.builds) == 2, f"{damage}: the damaged cache must be rebuilt"
     assert st.origin == "cache" and st.module is not None
-    assert any("unusable" in line for line in h.logs), h.logs
+    assert any("unusable" in line and "removed" in line for line in h.logs), h.logs
     rec = json.loads((cdir / _ext.RECORD).read_text())
     assert rec["status"] == "ok" and rec["sha256"] == _ext.file_sha256(so)
 
