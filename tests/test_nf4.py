@@ -153,7 +153,7 @@ def test_reference_matmul_matches_dequantize_then_linear():
 # ---------------------------------------------------------------------------------------------------------------
 # nf4_matmul: every fast backend against the reference
 # ---------------------------------------------------------------------------------------------------------------
-FAST = [b for b in backends_for(DEVICE, nf4_mod.BACKENDS) if b != "reference"]
+FAST = [b for b in backends_for(DEVICE, nf4_mod.OP.backends) if b != "reference"]
 # (x shape, N): 1 and 16 tokens, odd K (blocks straddle rows), odd N, leading dims, and 96 tokens (the C++ and
 # CUDA large-M path: dequantized row tiles + BLAS)
 MM_SHAPES = [((1, 64), 40), ((16, 131), 33), ((3, 5, 256), 96), ((2, 48, 70), 130)]

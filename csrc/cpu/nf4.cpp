@@ -37,7 +37,7 @@ constexpr float kNF4[16] = {
 };
 
 constexpr int64_t kSmallM = 32;       // tokens up to which the register kernel runs (beyond: BLAS on tiles)
-constexpr int64_t kTileRows = 4;      // rows of W per register-kernel tile
+constexpr int64_t kTileRows = 4;      // rows of W per register-kernel tile (tile_dot is written for 4)
 constexpr int64_t kChunk = 256;       // columns decoded per step: kTileRows x kChunk fp32 = 4 KB
 constexpr int64_t kLargeTileBytes = int64_t{4} << 20;  // fp32 tile of the BLAS path
 
@@ -71,13 +71,18 @@ I2L_CLONES void decode_range(const uint8_t* __restrict packed, const float* __re
   for (; e < e1; ++e) out[e - e0] = decode_one(packed, absmax, shift, e);
 }
 
-// acc[m * R + r] += x[m, 0:n] · w[r, 0:n] for m < M, r < kTileRows (vector accumulators, summed by the caller).
+// acc[(m * R + r) * 8 + lane] += x[m, 0:n] · w[r, 0:n] partial sums (8 lanes, summed by the caller) for m < M,
+// r < R = kTileRows. One 8-float load of x feeds R FMAs. acc is read/written with memcpy: no alignment assumed.
 I2L_CLONES void tile_dot(const float* __restrict x, int64_t ldx, const float* __restrict w, int64_t n, int64_t M,
-                         v8f* __restrict acc) {
+                         float* __restrict acc) {
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * ldx;
-    v8f a0 = acc[m * kTileRows], a1 = acc[m * kTileRows + 1], a2 = acc[m * kTileRows + 2],
-        a3 = acc[m * kTileRows + 3];
+    float* am = acc + m * kTileRows * 8;
+    v8f a0, a1, a2, a3;
+    std::memcpy(&a0, am, sizeof(v8f));
+    std::memcpy(&a1, am + 8, sizeof(v8f));
+    std::memcpy(&a2, am + 16, sizeof(v8f));
+    std::memcpy(&a3, am + 24, sizeof(v8f));
     for (int64_t k = 0; k < n; k += 8) {  // n is a multiple of 8 (the buffer is zero-padded)
       v8f xv, w0, w1, w2, w3;
       std::memcpy(&xv, xm + k, sizeof(xv));
@@ -90,10 +95,10 @@ I2L_CLONES void tile_dot(const float* __restrict x, int64_t ldx, const float* __
       a2 += xv * w2;
       a3 += xv * w3;
     }
-    acc[m * kTileRows] = a0;
-    acc[m * kTileRows + 1] = a1;
-    acc[m * kTileRows + 2] = a2;
-    acc[m * kTileRows + 3] = a3;
+    std::memcpy(am, &a0, sizeof(v8f));
+    std::memcpy(am + 8, &a1, sizeof(v8f));
+    std::memcpy(am + 16, &a2, sizeof(v8f));
+    std::memcpy(am + 24, &a3, sizeof(v8f));
   }
 }
 
@@ -214,10 +219,10 @@ at::Tensor nf4_matmul_fwd_cpu(const at::Tensor& x, const at::Tensor& packed, con
     const int64_t tiles = (N + kTileRows - 1) / kTileRows;
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
       alignas(64) float buf[kTileRows * kChunk];
-      std::vector<v8f> acc(M * kTileRows);
+      alignas(64) float acc[kSmallM * kTileRows * 8];
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n0 = t * kTileRows, rows = std::min(kTileRows, N - n0);
-        std::fill(acc.begin(), acc.end(), v8f{});
+        std::fill(acc, acc + M * kTileRows * 8, 0.f);
         for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
           const int64_t kn = std::min(kChunk, K - k0), kpad = (kn + 7) / 8 * 8;
           for (int64_t r = 0; r < kTileRows; ++r) {
@@ -229,11 +234,11 @@ at::Tensor nf4_matmul_fwd_cpu(const at::Tensor& x, const at::Tensor& packed, con
               std::fill(br, br + kpad, 0.f);
             }
           }
-          tile_dot(xp + k0, Kp, buf, kpad, M, acc.data());
+          tile_dot(xp + k0, Kp, buf, kpad, M, acc);
         }
         for (int64_t m = 0; m < M; ++m) {
           for (int64_t r = 0; r < rows; ++r) {
-            const v8f v = acc[m * kTileRows + r];
+            const float* v = acc + (m * kTileRows + r) * 8;
             yp[m * N + n0 + r] = ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
           }
         }

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 import torch
 
 from intro2llm.ops import _dispatch
-from intro2llm.ops._checks import FLOAT_DTYPES, check_float, check_same_device
+from intro2llm.ops._checks import check_float, check_same_device
 
-OP = "nf4_matmul"
-BACKENDS = ("reference", "triton", "cpp", "cuda")
+OP = _dispatch.Op("nf4_matmul", backends=("reference", "triton", "cpp", "cuda"), compiled="nf4_matmul_fwd")
+DEQUANTIZE = _dispatch.Op("nf4_dequantize", backends=("reference", "cpp", "cuda"), compiled="nf4_dequantize")
 DQ_BLOCKSIZE = 256  # absmax values per block of the double quantization (bitsandbytes' choice)
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the block sizes bitsandbytes accepts
 
@@ -226,7 +226,7 @@ def quantize_tensor(w: torch.Tensor, blocksize: int = 64, double_quant: bool = F
     3. pack two indices per byte, the first in the high nibble;
     4. (double quantization) absmax - mean → 8-bit blockwise codes, 256 per block.
     """
-    check_float("w", w, "nf4_quantize", FLOAT_DTYPES + (torch.float64,))
+    check_float("w", w, "nf4_quantize")
     _check_blocksize(blocksize, "nf4_quantize")
     if w.numel() == 0:
         raise ValueError(f"nf4_quantize: w must have at least one element, got shape {tuple(w.shape)}")
@@ -288,23 +288,23 @@ def _check_nf4(q: NF4Weight, op: str) -> None:
 
 
 def _validate_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None) -> None:
-    check_float("x", x, OP, FLOAT_DTYPES + (torch.float64,))
-    _check_nf4(w, OP)
+    check_float("x", x, OP.name)
+    _check_nf4(w, OP.name)
     if len(w.shape) != 2:
         raise ValueError(f"{OP}: the weight must be 2-D (out_features, in_features), got shape {tuple(w.shape)}")
     if x.dim() < 1 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"{OP}: x of shape {tuple(x.shape)} does not match weight of shape {tuple(w.shape)}")
     if bias is not None:
-        check_float("bias", bias, OP, FLOAT_DTYPES + (torch.float64,))
+        check_float("bias", bias, OP.name)
         if bias.shape != (w.shape[0],):
             raise ValueError(f"{OP}: bias must have shape ({w.shape[0]},), got {tuple(bias.shape)}")
-    check_same_device(OP, x=x, packed=w.packed, bias=bias)
+    check_same_device(OP.name, x=x, packed=w.packed, bias=bias)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# C++ (CPU) and CUDA: intro2llm::nf4_matmul_fwd / nf4_matmul_bwd / nf4_dequantize from csrc/, registered here
-# with fake + autograd. The autograd formula is shared by every fast backend: dx = dy @ dequant(W) by the
-# backend's own kernel, dbias = dy summed over rows; the weight (packed, absmax) gets no gradient.
+# Kernels (the op template of _dispatch): C++/CUDA intro2llm::nf4_matmul_fwd / _bwd / nf4_dequantize, Triton
+# kernels/nf4.py. One backward for every backend: dx = dy @ dequant(W) by the backend's own kernel, dbias = dy
+# summed over rows; the weight (packed, absmax) gets no gradient.
 # ---------------------------------------------------------------------------------------------------------------
 def _fake_fwd(x, packed, absmax, N, blocksize, bias):
     return x.new_empty((x.shape[0], N))
@@ -325,33 +325,17 @@ def _setup_context(ctx, inputs, output):
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _backward_with(bwd_op):
-    def backward(ctx, grad_y):
-        packed, absmax = ctx.saved_tensors
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = bwd_op(grad_y.contiguous(), packed, absmax, ctx.K, ctx.blocksize)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[5]:
-            grad_bias = grad_y.float().sum(0).to(ctx.bias_dtype)
-        return grad_x, None, None, None, None, grad_bias
-
-    return backward
+def _backward(bwd, ctx, grad_y):
+    packed, absmax = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = bwd(grad_y.contiguous(), packed, absmax, ctx.K, ctx.blocksize)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[5]:
+        grad_bias = grad_y.float().sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, None, None, grad_bias
 
 
-if _dispatch.extension_error() is None and _dispatch.has_compiled_kernel("nf4_matmul_fwd", "cpu"):
-    torch.library.register_fake("intro2llm::nf4_matmul_fwd")(_fake_fwd)
-    torch.library.register_fake("intro2llm::nf4_matmul_bwd")(_fake_bwd)
-    torch.library.register_fake("intro2llm::nf4_dequantize")(_fake_dequantize)
-    torch.library.register_autograd(
-        "intro2llm::nf4_matmul_fwd",
-        _backward_with(lambda *a: torch.ops.intro2llm.nf4_matmul_bwd(*a)),
-        setup_context=_setup_context,
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Triton: kernels/nf4.py launched inside custom ops (triton imported lazily: it is optional).
-# ---------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("intro2llm::nf4_matmul_fwd_triton", mutates_args=())
 def _nf4_matmul_fwd_triton(
     x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, N: int, blocksize: int, bias: torch.Tensor | None
@@ -370,9 +354,11 @@ def _nf4_matmul_bwd_triton(
     return nf4_matmul_bwd(grad_y.contiguous(), packed.contiguous(), absmax.contiguous(), K, blocksize)
 
 
-_nf4_matmul_fwd_triton.register_fake(_fake_fwd)
-_nf4_matmul_bwd_triton.register_fake(_fake_bwd)
-_nf4_matmul_fwd_triton.register_autograd(_backward_with(_nf4_matmul_bwd_triton), setup_context=_setup_context)
+_KERNELS = dict(fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, backward=_backward, setup_context=_setup_context)
+_dispatch.register_kernels(  # C++ (CPU) and CUDA, from csrc/
+    "nf4_matmul_fwd", "nf4_matmul_bwd", extra_fakes={"nf4_dequantize": _fake_dequantize}, **_KERNELS
+)
+_dispatch.register_kernels(_nf4_matmul_fwd_triton, _nf4_matmul_bwd_triton, **_KERNELS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -387,10 +373,7 @@ def nf4_dequantize(w: NF4Weight, dtype: torch.dtype | None = None, *, backend: s
     """The dequantized tensor (original shape, ``dtype`` or the original dtype); equals ``dequantize_4bit``."""
     _check_nf4(w, "nf4_dequantize")
     dtype = dtype or w.dtype
-    name = _dispatch.resolve_backend(
-        "nf4_dequantize", w.device, backend, implemented=("reference", "cpp", "cuda"),
-        compiled_op="nf4_dequantize", dtype=dtype,
-    )
+    name = DEQUANTIZE.resolve(w.device, backend, dtype=dtype)
     if name == "reference":
         return dequantize_tensor(w, dtype)
     flat = torch.ops.intro2llm.nf4_dequantize(w.packed, w.fp32_absmax(), w.numel, w.blocksize, dtype)
@@ -405,8 +388,7 @@ def nf4_matmul(
     Differentiable w.r.t. ``x`` and ``bias``; the fast backends never hold the whole dequantized weight.
     """
     _validate_matmul(x, w, bias)
-    name = _dispatch.resolve_backend(OP, x.device, backend, implemented=BACKENDS, compiled_op="nf4_matmul_fwd",
-                                     dtype=x.dtype)
+    name = OP.resolve(x.device, backend, dtype=x.dtype)
     if name == "reference":
         return nf4_matmul_reference(x, w, bias)
     N, K = w.shape
