@@ -6,9 +6,10 @@
    no top-k/top-p) and ``max_new_tokens``. Tokens/s counts the response tokens each produced (up to EOS).
 2. GRPO step: ``GRPOTrainer.training_step`` against TRL's ``GRPOTrainer`` (one optimizer step = one generation
    batch of 16 prompts × 8, same model, prompts, G, max_completion_length, beta=0, loss_type "grpo", AdamW).
-   Time per step (best of the measured steps after a warm-up step) and peak memory: each contender runs in a
-   fresh process; peak = VmHWM (after writing 5 to /proc/self/clear_refs) − VmRSS just before the trainer is
-   built (DESIGN.md: ru_maxrss is inherited across fork/exec, VmHWM after a reset is not).
+   Time per step (best of the measured steps after a warm-up step; wall and process CPU time: the contenders
+   run one after the other, so on a loaded machine the CPU time is the comparable figure) and peak memory: each
+   contender runs in a fresh process; peak = VmHWM (after writing 5 to /proc/self/clear_refs) − VmRSS just
+   before the trainer is built (DESIGN.md: ru_maxrss is inherited across fork/exec, VmHWM after a reset is not).
 
 Run: ``python benchmarks/bench_rl.py [--ckpt DIR] [--threads 1]`` prints a JSON summary. Without ``--ckpt`` the
 model is the ``tiny`` preset (random weights; the vocabulary of the synthetic character tokenizer). Contenders of
@@ -151,12 +152,14 @@ def grpo_step_ours(model_dir: Path, steps: int) -> dict[str, float]:
     tr = GRPOTrainer(model, tok, synthetic_reward, GRPODataset(texts, G, seed=0),
                      GRPOConfig(prompts_per_step=P, num_generations=G, max_new_tokens=NEW, lr=1e-5, beta=0.0,
                                 loss_type="grpo"))
-    times = []
+    times, cpu = [], []
     for _ in range(steps + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         tr.training_step()
         times.append(time.perf_counter() - t0)
-    return {"step_s": min(times[1:]), "steps_s": times, "peak_bytes": _vm("VmHWM") - base}
+        cpu.append(time.process_time() - c0)
+    return {"step_s": min(times[1:]), "step_cpu_s": min(cpu[1:]), "steps_s": times, "steps_cpu_s": cpu,
+            "peak_bytes": _vm("VmHWM") - base}
 
 
 def grpo_step_trl(model_dir: Path, steps: int) -> dict[str, float]:
@@ -177,14 +180,15 @@ def grpo_step_trl(model_dir: Path, steps: int) -> dict[str, float]:
     def reward(prompts, completions, **kw):
         return synthetic_reward(prompts, completions)
 
-    times, t0 = [], [0.0]
+    times, cpu, t0 = [], [], [0.0, 0.0]
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            t0[0] = time.perf_counter()
+            t0[0], t0[1] = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - t0[0])
+            cpu.append(time.process_time() - t0[1])
 
     with tempfile.TemporaryDirectory() as out:
         cfg = GRPOConfig(output_dir=out, per_device_train_batch_size=P * G, num_generations=G,
@@ -198,7 +202,8 @@ def grpo_step_trl(model_dir: Path, steps: int) -> dict[str, float]:
                               callbacks=[Timer()])
         trainer.train()
         peak = _vm("VmHWM") - base
-    return {"step_s": min(times[1:]), "steps_s": times, "peak_bytes": peak}
+    return {"step_s": min(times[1:]), "step_cpu_s": min(cpu[1:]), "steps_s": times, "steps_cpu_s": cpu,
+            "peak_bytes": peak}
 
 
 def _in_fresh_process(which: str, model_dir: Path, steps: int, threads: int) -> dict:
@@ -232,7 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
         if "grpo" not in args.skip:
             ours = _in_fresh_process("ours", model_dir, args.steps, args.threads)
             trl = _in_fresh_process("trl", model_dir, args.steps, args.threads)
-            res["grpo_step"] = {"ours": ours, "trl": trl, "speedup": trl["step_s"] / ours["step_s"],
+            res["grpo_step"] = {"ours": ours, "trl": trl, "speedup_wall": trl["step_s"] / ours["step_s"],
+                                "speedup_cpu": trl["step_cpu_s"] / ours["step_cpu_s"],
                                 "memory_ratio": ours["peak_bytes"] / trl["peak_bytes"]}
     print(json.dumps(res, indent=1))
     return res

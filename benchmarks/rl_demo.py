@@ -52,10 +52,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--seeds", default=None, help="comma list (default: grpo 0; ppo 0,1,2)")
     ap.add_argument("--out", default=None, help="keep the run directories here (default: a temporary dir)")
-    ap.add_argument("extra", nargs=argparse.REMAINDER, help="more CLI arguments after --")
-    a = ap.parse_args(argv)
+    a, more = ap.parse_known_args(argv)  # anything else goes to the CLI (after the defaults, so it wins)
     seeds = [int(s) for s in (a.seeds or ("0" if a.which == "grpo" else "0,1,2")).split(",")]
-    extra = (GRPO_ARGS if a.which == "grpo" else PPO_ARGS) + [x for x in a.extra if x != "--"]
+    extra = (GRPO_ARGS if a.which == "grpo" else PPO_ARGS) + [x for x in more if x != "--"]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.out or tmp)
         recs = [run_one(a.which, a.ckpt, s, extra, root) for s in seeds]
