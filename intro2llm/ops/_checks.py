@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from intro2llm.ops._dispatch import FAST_DTYPES as FLOAT_DTYPES  # noqa: F401, I001 (TEMP: until all ops are ported)
 from intro2llm.ops._dispatch import REFERENCE_DTYPES
 
 

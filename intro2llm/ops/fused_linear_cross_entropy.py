@@ -34,8 +34,8 @@ OP = _dispatch.Op(  # the fast paths are torch GEMMs around the cross_entropy ke
 )
 # Default chunk: ~16 MiB of logits (32 tokens at V=128k fp32, 128 at V=32k, 512 at V=8k). Big enough for efficient
 # GEMMs (K >= 32 rows per weight-gradient product), and under glibc's largest dynamic mmap threshold (32 MiB): after
-# the first call the buffer comes from the heap instead of a fresh mapping whose page faults cost 12 ms per 32 MiB
-# here (tiny preset training step, 1024 tokens x V=8192: 64 MiB chunks measured 1.14x, 16 MiB 1.16x HF's speed).
+# the first call the buffer comes from the heap instead of a fresh mapping whose page faults are paid every call
+# (figures: benchmarks/bench_fused_linear_cross_entropy.py, lesson 07's README).
 CHUNK_LOGITS_BYTES = 16 * 2**20
 
 
@@ -159,7 +159,7 @@ def _flce_fwd(
     gb32 = None if bias is None else torch.zeros(V, device=weight.device, dtype=torch.float32)
     total = torch.zeros((), device=hidden.device, dtype=torch.float32)
     # the only vocabulary-sized buffer, allocated once: a fresh allocation per chunk would pay the OS's page faults
-    # every time (glibc maps blocks over 32 MiB anew; 12 ms of a 45 ms (1024, 8192) fp32 GEMM here)
+    # every time (glibc maps blocks over 32 MiB anew)
     buf = hidden.new_empty(min(chunk_size, N), V)
     for start in range(0, N, chunk_size):
         end = min(start + chunk_size, N)
