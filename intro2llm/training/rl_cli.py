@@ -7,7 +7,7 @@
 ``--ckpt`` is a Hugging Face-format directory (config.json, model.safetensors, tokenizer.json; a
 tokenizer_config.json written by ``intro2llm sft`` selects its chat template, whose end-of-turn token then stops
 generation). Prompts come from ``intro2llm.data.synthetic`` (``--ops``, ``--digits``: 2-digit addition by default)
-with a training seed, and a held-out set from another seed is scored greedily before and after training.
+with a training seed, and a fixed held-out set (seed 10000) is scored greedily before and after training.
 
 ``DIR`` receives ``metrics.jsonl`` (one line per step: reward, kl, clip_frac, response_length, losses...), ``tb/``
 (TensorBoard), ``checkpoints/step_*/`` (model + value head + optimizer + sampler/RNG state, crash-safe, resumable)
@@ -159,8 +159,8 @@ def _run(args: argparse.Namespace, cmd: str) -> int:
         encode = lambda p: chat.encode_prompt(tok, template, [{"role": "user", "content": p}])  # noqa: E731
         stops = [chat.stop_token_id(tok, template)]
     train_prompts = [p for p, _ in synthetic.prompts_and_answers(args.train_prompts, seed=args.seed, config=scfg)]
-    eval_prompts = [p for p, _ in synthetic.prompts_and_answers(args.eval_prompts, seed=10_000 + args.seed,
-                                                                   config=scfg)]
+    # one fixed held-out set (seed 10000) whatever the training seed, so runs with different seeds compare
+    eval_prompts = [p for p, _ in synthetic.prompts_and_answers(args.eval_prompts, seed=10_000, config=scfg)]
     fns = [rl.REWARD_FUNCTIONS[n] for n in names]
     if cmd == "grpo":
         from intro2llm.data.grpo_dataset import GRPODataset
