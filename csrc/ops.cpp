@@ -20,8 +20,7 @@ TORCH_LIBRARY(intro2llm, m) {
   m.def("rms_norm_fwd(Tensor x, Tensor weight, float eps) -> (Tensor y, Tensor rstd)");
   m.def("rms_norm_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor rstd) -> (Tensor grad_x, Tensor grad_weight)");
 
-  // ---- apply_rope / swiglu / geglu (rope-swiglu owner) ---------------------------------------------------
-  // BEGIN rope-swiglu schemas
+  // ---- apply_rope / swiglu / geglu (csrc/cpu/{rope,swiglu}.cpp, csrc/cuda/{rope,swiglu}.cu) ------------------
   // RoPE (split-half): q (B,H,T,D), k (B,Hkv,T,D) any strides, cos/sin (1|B, T, D); outputs contiguous.
   // apply_rope_bwd applies the transposed rotation to the upstream gradients (RoPE with -sin).
   m.def("apply_rope_fwd(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor q_out, Tensor k_out)");
@@ -31,10 +30,8 @@ TORCH_LIBRARY(intro2llm, m) {
   m.def("swiglu_bwd(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor grad_gate, Tensor grad_up)");
   m.def("geglu_fwd(Tensor gate, Tensor up, str approximate) -> Tensor");
   m.def("geglu_bwd(Tensor grad_out, Tensor gate, Tensor up, str approximate) -> (Tensor grad_gate, Tensor grad_up)");
-  // END rope-swiglu schemas
 
-  // ---- cross_entropy / fused_linear_cross_entropy (cross-entropy owner) --------------------------------------
-  // BEGIN cross-entropy schemas
+  // ---- cross_entropy / fused_linear_cross_entropy (csrc/cpu/cross_entropy.cpp, csrc/cuda/cross_entropy.cu) ----
   // logits (N, V), targets (N,) int64. Per-row fp32 loss (0 for ignore_index rows) and lse = logsumexp(row);
   // the reduction is done by the caller. bwd: grad_logits = grad_loss[i] * dloss_i/dlogits (zero rows for
   // ignored targets). fwd_bwd_: the loss, with logits overwritten by grad_scale * dloss_i/dlogits.
@@ -44,17 +41,14 @@ TORCH_LIBRARY(intro2llm, m) {
         "float label_smoothing, float z_loss) -> Tensor");
   m.def("cross_entropy_fwd_bwd_(Tensor(a!) logits, Tensor targets, float grad_scale, int ignore_index, "
         "float label_smoothing, float z_loss) -> (Tensor loss, Tensor lse)");
-  // END cross-entropy schemas
 
-  // ---- flash_attention (attention owner) --------------------------------------------------------------------
-  // BEGIN flash-attention schemas
+  // ---- flash_attention (csrc/cpu/flash_attention.cpp, csrc/cuda/flash_attention.cu) ---------------------------
   // out = softmax(q kᵀ·scale + mask) v; q (B, H, Tq, D), k/v (B, Hkv, Tk, D), H % Hkv == 0; window <= 0: none;
   // key_padding_mask (B, Tk) bool, True = keep. lse (B, H, Tq) fp32 = log-sum-exp of each score row (saved).
   m.def("flash_attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, int window, float scale, "
         "Tensor? key_padding_mask) -> (Tensor out, Tensor lse)");
   m.def("flash_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
         "int window, float scale, Tensor? key_padding_mask) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
-  // END flash-attention schemas
 
   // ---- fused AdamW step (csrc/cpu/adamw.cpp) ------------------------------------------------------------------
   // In place over lists (one entry per parameter): p, exp_avg, exp_avg_sq updated from grads; step_sizes[i] =
@@ -65,9 +59,10 @@ TORCH_LIBRARY(intro2llm, m) {
 
   // ---- fused decode step (csrc/cpu/decode_step.cpp) --------------------------------------------------------
   // One greedy/sampling step of a Llama-style CausalLM (pre-norm RMSNorm, RoPE, GQA, SwiGLU), all layers in one
-  // call, fp32, CPU: h (B, C) = embedded tokens; per layer 10 entries of `layers`: input-norm weight (C),
-  // W_qkv (C, H·D + 2·Hkv·D) and its bias or None, W_o (H·D, C) and bias, post-norm weight (C), W_gate_up (C, 2F)
-  // and bias, W_down (F, C) and bias (weights stored (in, out)); k_cache/v_cache (L, B, Hkv, Tmax, D) get this
+  // call, fp32, CPU: h (B, C) = embedded tokens; `layers`: per layer the 10 fields of fast_decode.DecodeLayer
+  // (LayerWeights in decode_step.cpp): input-norm weight (C), W_qkv (C, H·D + 2·Hkv·D) and its bias or None, W_o
+  // (H·D, C) and bias, post-norm weight (C), W_gate_up (C, 2F) and bias, W_down (F, C) and bias (weights stored
+  // (in, out)); k_cache/v_cache (L, B, Hkv, Tmax, D) get this
   // step's keys/values at slot `pos`; cos/sin (1|B, D) this step's rotary rows; key_padding_mask (B, pos + 1)
   // bool or None; window <= 0: none. Returns the (B, V) logits of rms_norm(h)·head (head (C, V)).
   m.def("decode_step(Tensor h, Tensor?[] layers, Tensor norm_weight, Tensor head, Tensor(a!) k_cache, "
@@ -75,17 +70,14 @@ TORCH_LIBRARY(intro2llm, m) {
         "int window) -> Tensor");
 
   // ---- NF4 (csrc/cpu/nf4.cpp, csrc/cuda/nf4.cu; intro2llm/ops/nf4.py) ---------------------------------------
-  // BEGIN nf4 schemas
   // bitsandbytes' NF4: packed uint8 (ceil(numel/2),) high nibble first, absmax fp32 per block of `blocksize`.
   // nf4_dequantize -> (numel,) in dtype. nf4_matmul_fwd: x (M, K) @ dequant(W (N, K))ᵀ + bias -> (M, N) in x's
   // dtype, without building the dequantized W. nf4_matmul_bwd: grad_x (M, K) = grad_y (M, N) @ dequant(W).
   m.def("nf4_dequantize(Tensor packed, Tensor absmax, int numel, int blocksize, ScalarType dtype) -> Tensor");
   m.def("nf4_matmul_fwd(Tensor x, Tensor packed, Tensor absmax, int N, int blocksize, Tensor? bias) -> Tensor");
   m.def("nf4_matmul_bwd(Tensor grad_y, Tensor packed, Tensor absmax, int K, int blocksize) -> Tensor");
-  // END nf4 schemas
 
-  // ---- tokenizer core (tokenizer owner) ---------------------------------------------------------------------
-  // BEGIN tokenizer schemas
+  // ---- tokenizer core (csrc/cpu/bpe_train.cpp, csrc/cpu/bpe_encode.cpp) ------------------------------------
   // BPE merge loop (csrc/cpu/bpe_train.cpp): words = int32 base-symbol ids, word i = words[offsets[i]:offsets[i+1]],
   // counts = int64 per word; returns int32 (M, 3) merges (left id, right id, new id). No autograd, no fake impl
   // (the output size depends on the data); called from intro2llm/tokenizer/_train.py only.
@@ -96,5 +88,4 @@ TORCH_LIBRARY(intro2llm, m) {
   m.def("bpe_encoder_new(Tensor token_bytes, Tensor token_offsets, Tensor classes, int pattern) -> int");
   m.def("bpe_encoder_free(int handle) -> ()");
   m.def("bpe_encode(int handle, Tensor text) -> Tensor");
-  // END tokenizer schemas
 }
