@@ -1,14 +1,13 @@
 // One decode step of a Llama-style CausalLM, every layer in one call (fp32, CPU): the C++ twin of
-// CausalLM._fast_decode_step (intro2llm/model/causal_lm.py), which stays the readable version and the fallback.
+// fast_decode.python_step (intro2llm/model/fast_decode.py), which stays the readable version and the fallback.
 //
 // Why: a decode step of a small model is a chain of ~15 tiny ops per layer. From Python each one pays the
 // interpreter, torch's dispatcher and, for our custom ops, the torch.library autograd wrapper: 10-20 us apiece,
-// more than the arithmetic at batch 1 (tiny preset: ~1.3 ms of a 2.8 ms step). Here the matrix products are
+// more than the arithmetic at batch 1 (the profile is in lesson 05's README). Here the matrix products are
 // small_gemm calls (below) on the decode-time weight layout (W stored (in, out), so a row times W streams W's
 // rows), and everything between them (RMSNorm, RoPE, the cache write, attention of the one new query row against
 // the cache, SwiGLU) is a plain loop over the B rows.
-// Measured (tiny preset, 1 thread, vs transformers generate() on the same weights, same tokens): batch 1
-// 2.5-2.7x, batch 8 1.8x; the Python step this replaces reached 1.3-1.5x and 1.1x.
+// Speed against transformers' generate(): benchmarks/bench_generate.py, figures in lesson 05's README.
 //
 // Per layer, h (B, C) the residual stream:
 //   x = rms_norm(h) · w1;  qkv = x W_qkv (+ b);  q, k = rope(q, k);  cache[pos] = k, v
@@ -20,7 +19,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "simd.h"
+#include "rows.h"
 
 #include <algorithm>
 #include <cmath>
@@ -31,12 +30,22 @@
 namespace intro2llm {
 namespace {
 
-constexpr int kPerLayer = 10;  // entries of `layers` per layer (see csrc/ops.cpp)
+// One layer's weights, named: the fields of fast_decode.DecodeLayer in its order, which is how `layers` lists them
+// (kPerLayer entries per layer). Matrices are (in, out) row-major float32; biases may be absent.
+struct LayerWeights {
+  at::Tensor input_norm, w_qkv;
+  c10::optional<at::Tensor> b_qkv;
+  at::Tensor w_o;
+  c10::optional<at::Tensor> b_o;
+  at::Tensor post_norm, w_gate_up;
+  c10::optional<at::Tensor> b_gate_up;
+  at::Tensor w_down;
+  c10::optional<at::Tensor> b_down;
+  int64_t F;  // intermediate size
+};
+constexpr int kPerLayer = 10;
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC push_options
-#pragma GCC optimize("no-trapping-math")
-#endif
+I2L_NO_TRAPPING_MATH_BEGIN
 
 // out[f] = silu(gu[f]) · gu[F + f]
 I2L_CLONES void silu_mul_row(const float* __restrict gu, float* __restrict out, int64_t F) {
@@ -85,11 +94,10 @@ I2L_CLONES void attend_row(const float* __restrict q, const float* __restrict K,
 
 // Y (M, N) (+)= X (M, K) · W (K, N) for a few rows (M <= kMaxRows), all row-major: the decode step's products.
 // Why not at::mm: for M = 8 MKL packs (copies) W before every product, and the packing took more time than the
-// multiply-adds (perf, tiny preset, batch 8: 25% of the run in sgemm_scopy vs 17% in the sgemm kernel). Here W
+// multiply-adds (the profile is in lesson 05's README). Here W
 // is streamed once, row by row, into register accumulators: for each tile of 32 output columns, kMaxRows x 2
 // 16-wide accumulators, one broadcast of X[r, k] per row and k. Tiles are independent (at::parallel_for).
 constexpr int64_t kMaxRows = 8;
-typedef float v16 __attribute__((vector_size(64)));
 
 template <int R>
 I2L_CLONES void gemm_tile_rows(const float* __restrict X, int64_t ldx, const float* __restrict W, int64_t N,
@@ -132,9 +140,7 @@ void gemm_cols_tail(const float* X, int64_t ldx, const float* W, int64_t N, int6
   }
 }
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC pop_options
-#endif
+I2L_NO_TRAPPING_MATH_END
 
 const float* f32(const at::Tensor& t) { return t.const_data_ptr<float>(); }
 
@@ -202,6 +208,28 @@ void add_bias(at::Tensor& y, const c10::optional<at::Tensor>& b) {
   if (b.has_value() && b->defined()) y.add_(*b);
 }
 
+c10::optional<at::Tensor> bias(const c10::optional<at::Tensor>& b) {
+  return b.has_value() && b->defined() ? b : c10::nullopt;
+}
+
+// Layer l's entries of `layers` (w: its first), checked: C model width, QS = H·D, NQKV = QS + 2·Hkv·D.
+LayerWeights unpack_layer(const c10::optional<at::Tensor>* w, int64_t l, int64_t C, int64_t QS, int64_t NQKV) {
+  check_vector(w[0], C, true, "input norm weight", l);
+  check_matrix(w[1], C, NQKV, "W_qkv", l);
+  check_vector(w[2], NQKV, false, "b_qkv", l);
+  check_matrix(w[3], QS, C, "W_o", l);
+  check_vector(w[4], C, false, "b_o", l);
+  check_vector(w[5], C, true, "post-attention norm weight", l);
+  TORCH_CHECK(w[6].has_value() && w[6]->defined() && w[6]->dim() == 2 && w[6]->size(1) % 2 == 0,
+              "intro2llm::decode_step: layer ", l, ": W_gate_up must be (C, 2F)");
+  const int64_t F = w[6]->size(1) / 2;
+  check_matrix(w[6], C, 2 * F, "W_gate_up", l);
+  check_vector(w[7], 2 * F, false, "b_gate_up", l);
+  check_matrix(w[8], F, C, "W_down", l);
+  check_vector(w[9], C, false, "b_down", l);
+  return {*w[0], *w[1], bias(w[2]), *w[3], bias(w[4]), *w[5], *w[6], bias(w[7]), *w[8], bias(w[9]), F};
+}
+
 at::Tensor decode_step_cpu(const at::Tensor& h_in, c10::List<c10::optional<at::Tensor>> layers,
                            const at::Tensor& norm_weight, const at::Tensor& head, at::Tensor& k_cache,
                            at::Tensor& v_cache, int64_t pos, const at::Tensor& cos, const at::Tensor& sin,
@@ -249,23 +277,10 @@ at::Tensor decode_step_cpu(const at::Tensor& h_in, c10::List<c10::optional<at::T
   const int64_t cache_bh = Tmax * D;  // floats per (layer, b, kv head)
   std::vector<float> scores(static_cast<size_t>(pos + 1));
 
-  std::vector<c10::optional<at::Tensor>> W(layers.begin(), layers.end());
-  for (int64_t l = 0; l < L; ++l) {
-    const auto* w = W.data() + l * kPerLayer;
-    check_vector(w[0], C, true, "input norm weight", l);
-    check_matrix(w[1], C, NQKV, "W_qkv", l);
-    check_vector(w[2], NQKV, false, "b_qkv", l);
-    check_matrix(w[3], QS, C, "W_o", l);
-    check_vector(w[4], C, false, "b_o", l);
-    check_vector(w[5], C, true, "post-attention norm weight", l);
-    TORCH_CHECK(w[6].has_value() && w[6]->defined() && w[6]->dim() == 2 && w[6]->size(1) % 2 == 0, op, ": layer ", l,
-                ": W_gate_up must be (C, 2F)");
-    const int64_t F = w[6]->size(1) / 2;
-    check_matrix(w[6], C, 2 * F, "W_gate_up", l);
-    check_vector(w[7], 2 * F, false, "b_gate_up", l);
-    check_matrix(w[8], F, C, "W_down", l);
-    check_vector(w[9], C, false, "b_down", l);
-  }
+  const std::vector<c10::optional<at::Tensor>> entries(layers.begin(), layers.end());
+  std::vector<LayerWeights> W;
+  W.reserve(L);
+  for (int64_t l = 0; l < L; ++l) W.push_back(unpack_layer(entries.data() + l * kPerLayer, l, C, QS, NQKV));
   TORCH_CHECK(norm_weight.dim() == 1 && norm_weight.size(0) == C && norm_weight.scalar_type() == at::kFloat &&
                   norm_weight.is_contiguous(),
               op, ": norm_weight must be a contiguous float32 (", C, ",) vector, got ", norm_weight.sizes());
@@ -279,13 +294,13 @@ at::Tensor decode_step_cpu(const at::Tensor& h_in, c10::List<c10::optional<at::T
   const float* sp = f32(sin);
   const int64_t table_stride = cos.size(0) == 1 ? 0 : D;
   for (int64_t l = 0; l < L; ++l) {
-    const auto* w = W.data() + l * kPerLayer;
-    const int64_t F = w[6]->size(1) / 2;
+    const LayerWeights& w = W[l];
+    const int64_t F = w.F;
     // attention block
-    for (int64_t b = 0; b < B; ++b) rms_fwd_row(hp + b * C, f32(*w[0]), xp + b * C, C, eps);
+    for (int64_t b = 0; b < B; ++b) rms_fwd_row(hp + b * C, f32(w.input_norm), xp + b * C, C, eps);
     at::Tensor qkv = at::empty({B, NQKV}, h.options());
-    small_gemm(x, *w[1], qkv, false);  // (B, NQKV)
-    add_bias(qkv, w[2]);
+    small_gemm(x, w.w_qkv, qkv, false);  // (B, NQKV)
+    add_bias(qkv, w.b_qkv);
     float* qkvp = qkv.mutable_data_ptr<float>();
     for (int64_t b = 0; b < B; ++b) {
       float* row = qkvp + b * NQKV;
@@ -309,19 +324,19 @@ at::Tensor decode_step_cpu(const at::Tensor& h_in, c10::List<c10::optional<at::T
                    ap + b * QS + hq * D);
       }
     }
-    small_gemm(attn, *w[3], h, true);  // h += o W_o
-    add_bias(h, w[4]);
+    small_gemm(attn, w.w_o, h, true);  // h += o W_o
+    add_bias(h, w.b_o);
     // feed-forward block
-    for (int64_t b = 0; b < B; ++b) rms_fwd_row(hp + b * C, f32(*w[5]), xp + b * C, C, eps);
+    for (int64_t b = 0; b < B; ++b) rms_fwd_row(hp + b * C, f32(w.post_norm), xp + b * C, C, eps);
     at::Tensor gu = at::empty({B, 2 * F}, h.options());
-    small_gemm(x, *w[6], gu, false);  // (B, 2F)
-    add_bias(gu, w[7]);
+    small_gemm(x, w.w_gate_up, gu, false);  // (B, 2F)
+    add_bias(gu, w.b_gate_up);
     at::Tensor act = at::empty({B, F}, h.options());
     const float* gup = f32(gu);
     float* actp = act.mutable_data_ptr<float>();
     for (int64_t b = 0; b < B; ++b) silu_mul_row(gup + b * 2 * F, actp + b * F, F);
-    small_gemm(act, *w[8], h, true);  // h += act W_down
-    add_bias(h, w[9]);
+    small_gemm(act, w.w_down, h, true);  // h += act W_down
+    add_bias(h, w.b_down);
   }
   for (int64_t b = 0; b < B; ++b) rms_fwd_row(hp + b * C, f32(norm_weight), xp + b * C, C, eps);
   at::Tensor logits = at::empty({B, head.size(1)}, h.options());

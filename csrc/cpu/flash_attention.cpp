@@ -32,6 +32,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "op_checks.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -40,6 +41,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 extern "C" {
@@ -53,11 +55,9 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace intro2llm {
 namespace {
 
-// Tile sizes, measured on an AMD EPYC (Zen 5, AVX-512) at B=1, H=8, T=4096, D=64 fp32. Forward, lane path: 32
-// rows, 8-key score tiles, 256-key chunks (Sᵀ stays in L1; 288-1024 measured no better): causal 88-90 ms on 1
-// thread, 2.2x torch SDPA's speed (the BLAS row path it replaced: 143 ms), window 512 4.0-4.1x faster than causal.
-// Backward tiles of 32 query rows over their exact key sub-range: B=8 H=8 Hkv=4 T=128 D=32 (the tiny preset's
-// training shape) fwd+bwd 4.3 ms vs SDPA 6.3 ms; T=2048 D=64 causal 190 vs 203 ms.
+// Tile sizes (chosen by measurement: benchmarks/bench_attention.py, figures in lesson 15's README). Forward, lane
+// path: 32 rows, 8-key score tiles, 256-key chunks (Sᵀ stays in L1). Backward: tiles of 32 query rows over their
+// exact key sub-range.
 constexpr int kLanes = 32;            // query rows per forward block (lane path: two 16-float vectors)
 constexpr int kSlabs = kLanes / 16;
 constexpr int64_t kKeyGroup = 8;      // keys per score tile (lane path)
@@ -101,12 +101,8 @@ void gemm_tn(int64_t m, int64_t n, int64_t k, float alpha, const float* A, int64
 }
 
 // ---- vectorizable row kernels -----------------------------------------------------------------------------------
-// GCC if-converts the clamps and masks below into vector min/max/blend only when FP compares may not trap
-// (torch itself builds with -fno-trapping-math); scoped to these functions with push/pop.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC push_options
-#pragma GCC optimize("no-trapping-math")
-#endif
+// The clamps and masks below vectorize only without trapping math (simd.h): scoped to these functions.
+I2L_NO_TRAPPING_MATH_BEGIN
 // One query row against one key chunk, forward. s[0, n): raw scores q·k_j; visible keys are [a, b) (a < b) and,
 // with `keep`, only those with keep[j]. Updates the running max m and sum l, turns s into p = exp(s·scale − m_new)
 // (0 outside), and rescales the row's accumulator o[0, D) by exp(m_old − m_new).
@@ -175,9 +171,7 @@ I2L_CLONES float dot_row(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC pop_options
-#endif
+I2L_NO_TRAPPING_MATH_END
 
 // ---- masks ------------------------------------------------------------------------------------------------------
 struct Mask {
@@ -222,7 +216,6 @@ void parallel_tasks(int64_t n, const Fn& fn, int64_t grain = 1) {
 // MKL packs both operands on every call, and at the sizes of one query block (32 rows against a few hundred keys)
 // that packing cost as much as the multiply-adds. These kernels read K and V rows in place and keep their output
 // tile in registers (16-float GCC vectors: one AVX-512 register, two AVX2 ones).
-typedef float v16 __attribute__((vector_size(64)));
 
 // O (R rows at O, NV·16 columns from c0) = alpha ∘ O + P (R × keys [j0, j1)) · V (keys × ·, row stride ldv): alpha
 // (one factor per row, nullptr: 1) is the online softmax's rescaling. P's entry (i, j) is P[i·si + j·sj]: row-major
@@ -304,22 +297,22 @@ struct Block {
 // broadcast scalars. Keys are taken in groups of kKeyGroup, and each group computes only the 16-row slabs that see
 // one of its keys: at the causal diagonal and the window's left edge half of a block's rows see a key.
 
-typedef int32_t v16i __attribute__((vector_size(64)));
-
 // In-register transpose of a 16×16 tile: at each level b = 8, 4, 2, 1 the off-diagonal b×b blocks of every 2b×2b
-// block swap (row i, column c with bit b clear <-> row i + b, column c - b).
-template <int b>
-I2L_INLINE void transpose16_level(v16* t) {
-  v16i lo_mask, hi_mask;
-  for (int c = 0; c < 16; ++c) {
-    lo_mask[c] = (c & b) ? 16 + c - b : c;
-    hi_mask[c] = (c & b) ? 16 + c : c + b;
-  }
+// block swap (row i, column c with bit b clear <-> row i + b, column c - b). The two lane selections are
+// compile-time index lists (C = 0..15), so __builtin_shufflevector (clang, GCC >= 12) takes them; older GCC gets
+// the same masks as vectors through __builtin_shuffle.
+template <int b, int... C>
+I2L_INLINE void transpose16_level(v16* t, std::integer_sequence<int, C...>) {
   for (int i = 0; i < 16; ++i) {
     if (i & b) continue;
     const v16 x = t[i], y = t[i + b];
-    t[i] = __builtin_shuffle(x, y, lo_mask);
-    t[i + b] = __builtin_shuffle(x, y, hi_mask);
+#if defined(__clang__) || __GNUC__ >= 12
+    t[i] = __builtin_shufflevector(x, y, ((C & b) ? 16 + C - b : C)...);
+    t[i + b] = __builtin_shufflevector(x, y, ((C & b) ? 16 + C : C + b)...);
+#else
+    t[i] = __builtin_shuffle(x, y, v16i{((C & b) ? 16 + C - b : C)...});
+    t[i + b] = __builtin_shuffle(x, y, v16i{((C & b) ? 16 + C : C + b)...});
+#endif
   }
 }
 
@@ -332,10 +325,11 @@ I2L_CLONES void transpose_rows(const float* const* rows, int64_t D, float scale,
         std::memcpy(&t[i], rows[r0 + i] + d0, sizeof(v16));
         t[i] *= scale;
       }
-      transpose16_level<8>(t);
-      transpose16_level<4>(t);
-      transpose16_level<2>(t);
-      transpose16_level<1>(t);
+      constexpr auto lanes = std::make_integer_sequence<int, 16>{};
+      transpose16_level<8>(t, lanes);
+      transpose16_level<4>(t, lanes);
+      transpose16_level<2>(t, lanes);
+      transpose16_level<1>(t, lanes);
       for (int64_t i = 0; i < 16; ++i) std::memcpy(Qt + (d0 + i) * kLanes + r0, &t[i], sizeof(v16));
     }
   }
@@ -350,10 +344,7 @@ I2L_CLONES void scale_copy(const float* src, float* dst, int64_t n, float a) {
   for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * a;
 }
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC push_options
-#pragma GCC optimize("no-trapping-math")
-#endif
+I2L_NO_TRAPPING_MATH_BEGIN
 // Sᵀ (R keys × NV·16 lanes) = K (R rows, stride ldk) · Qᵀ (D × the NV slabs Qt points at); row stride kLanes.
 template <int R, int NV>
 I2L_CLONES void st_tile(const float* __restrict K, int64_t ldk, const float* __restrict Qt, int64_t D,
@@ -425,9 +416,7 @@ I2L_CLONES void lane_softmax(float* __restrict St, int64_t n, int64_t k0, const 
 #pragma omp simd
   for (int c = 0; c < kLanes; ++c) l[c] = l[c] * alpha[c] + sum[c];
 }
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC pop_options
-#endif
+I2L_NO_TRAPPING_MATH_END
 
 // O = alpha ∘ O + P V for the rows in groups of 4 (then singly), each group over only the keys [j0, j1) of the
 // chunk its rows see (P is 0 elsewhere, so skipping is exact). A group that sees none of the chunk is skipped: its
@@ -567,8 +556,7 @@ void fwd_impl(const float* q, const float* k, const float* v, Strides qs, Stride
   // follow the previous block's and the next block's can be prefetched; but costliest first (last rows of a causal
   // mask) when there are too few streams to balance the threads' load otherwise. With a window every block costs
   // about the same, so each thread takes runs of `grain` consecutive blocks: its next block then reuses the K/V
-  // rows already in its own L2 (blocks dealt round-robin made every thread load every row: window 512 at 2
-  // threads 3.9-4.1x -> 4.1-4.2x causal's speed).
+  // rows already in its own L2 (blocks dealt round-robin made every thread load every row; lesson 15's README).
   const int64_t threads = at::get_num_threads(), streams = B * Hkv * nhc, ntasks = streams * nqb;
   const bool costliest_first = mk.causal && mk.window <= 0 && streams < 4 * threads;
   const int64_t grain = mk.window > 0 ? std::max<int64_t>(1, ntasks / (4 * threads)) : 1;
@@ -749,30 +737,11 @@ void bwd_impl(const float* dout, const float* q, const float* k, const float* v,
 // ---- torch glue -------------------------------------------------------------------------------------------------
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, int64_t window,
                   const std::optional<at::Tensor>& kpm, const char* op) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be 4-D (B, H, T, D), got q ",
-              q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got k ", k.sizes(), " and v ",
-              v.sizes());
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3), op, ": batch and head_dim must match, got q ",
-              q.sizes(), " and k ", k.sizes());
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": H % Hkv must be 0, got q ", q.sizes(), " and k ",
-              k.sizes());
-  const int64_t D = q.size(3);
-  TORCH_CHECK(D == 16 || D == 32 || D == 64 || D == 128, op, ": head_dim must be one of 16, 32, 64, 128, got ", D);
-  TORCH_CHECK(k.size(2) > 0, op, ": the key length must be > 0, got k ", k.sizes());
-  TORCH_CHECK(!(causal || window > 0) || q.size(2) <= k.size(2), op,
-              ": causal/window attention needs Tq <= Tk, got q ", q.sizes(), " and k ", k.sizes());
+  check_flash_attention_args(q, k, v, causal, window, kpm, op);
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op,
+              ": expected float32, bfloat16 or float16, got ", q.scalar_type());
   for (const auto* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16 || t->scalar_type() == at::kHalf,
-                op, ": expected float32, bfloat16 or float16, got ", t->scalar_type());
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), op, ": q, k, v must share a dtype");
     TORCH_CHECK(t->device().is_cpu(), op, ": expected CPU tensors, got ", t->device());
-  }
-  if (kpm.has_value()) {
-    TORCH_CHECK(kpm->scalar_type() == at::kBool && kpm->dim() == 2 && kpm->size(0) == q.size(0) &&
-                    kpm->size(1) == k.size(2),
-                op, ": key_padding_mask must be bool (B, Tk) = (", q.size(0), ", ", k.size(2), "), got ",
-                kpm->scalar_type(), " ", kpm->sizes());
   }
 }
 

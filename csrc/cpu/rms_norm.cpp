@@ -11,7 +11,7 @@
 #include <torch/library.h>
 
 #include "huge_pages.h"
-#include "simd.h"
+#include "rows.h"
 
 #include <cmath>
 #include <vector>

@@ -1,11 +1,12 @@
 // Run-time SIMD dispatch for the CPU kernels.
 //
 // torch's own CPU kernels pick AVX2/AVX-512 at run time, but this extension is built without -march flags (the
-// wheel must run on any x86-64), so at::vec::Vectorized falls back to its scalar base here: measured 1.4 ns per
-// element for RMSNorm written with it, ~15x slower than a copy of the same data. Instead the hot loops are plain,
+// wheel must run on any x86-64), so at::vec::Vectorized falls back to its scalar base here (lesson 03's README
+// has the figures: an order of magnitude slower than a copy of the same data). Instead the hot loops are plain,
 // branch-free C++ under `#pragma omp simd` (or GCC vector types) inside functions marked I2L_CLONES: GCC compiles
 // them three times (x86-64-v4 = AVX-512, x86-64-v3 = AVX2+FMA, baseline SSE2) and the loader picks the best one
 // for the CPU it runs on. Elsewhere (clang, non-x86, non-Linux) the attribute is empty and the baseline build runs.
+// The row kernels shared by several ops (RMSNorm, RoPE rows) are in rows.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -23,7 +24,26 @@
 #endif
 #define I2L_INLINE inline __attribute__((always_inline))
 
+// GCC if-converts float clamps and masked selects into vector min/max/blend only when FP compares may not trap
+// (torch itself builds with -fno-trapping-math). Functions that should vectorize that way sit between these two
+// lines; clang never traps there and needs nothing.
+#if defined(__GNUC__) && !defined(__clang__)
+#define I2L_NO_TRAPPING_MATH_BEGIN _Pragma("GCC push_options") _Pragma("GCC optimize(\"no-trapping-math\")")
+#define I2L_NO_TRAPPING_MATH_END _Pragma("GCC pop_options")
+#else
+#define I2L_NO_TRAPPING_MATH_BEGIN
+#define I2L_NO_TRAPPING_MATH_END
+#endif
+
+#pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vector types are passed only between inlined helpers
+
 namespace intro2llm {
+
+// 16 floats (and 16 int32) as one GCC/clang vector: one AVX-512 register in the x86-64-v4 clone, two AVX2 ones
+// in v3, four SSE2 ones in the baseline build.
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
 namespace {  // internal linkage: every kernel file gets its own clones
 
 // bf16 <-> fp32 for staging buffers: integer-only loops that vectorize (at::vec::convert's portable
@@ -62,52 +82,10 @@ inline void from_f32(const float* src, scalar_t* dst, int64_t n) {
   }
 }
 
-// RMSNorm of one fp32 row (csrc/cpu/rms_norm.cpp, and the fused decode step): y = x * r * w, returns
-// r = 1/sqrt(mean(x^2) + eps).
-[[maybe_unused]] I2L_CLONES float rms_fwd_row(const float* __restrict x, const float* __restrict w,
-                                              float* __restrict y, int64_t N, float eps) {
-  float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t d = 0; d < N; ++d) ss += x[d] * x[d];
-  const float r = 1.f / std::sqrt(ss / static_cast<float>(N) + eps);
-#pragma omp simd
-  for (int64_t d = 0; d < N; ++d) y[d] = x[d] * r * w[d];
-  return r;
-}
-
-// RoPE (split-half) of one row of h pairs: out = rotate(x) with table rows c, s (fp32, D = 2h values each); BWD:
-// the transposed rotation. out may be x itself (each pair is read before it is written). Used by rope.cpp and
-// the fused decode step.
-template <bool BWD>
-I2L_INLINE void rope_row(const float* x, const float* __restrict c, const float* __restrict s, float* out, int64_t h) {
-#pragma omp simd
-  for (int64_t j = 0; j < h; ++j) {
-    const float x1 = x[j], x2 = x[h + j];
-    if constexpr (BWD) {
-      out[j] = x1 * c[j] + x2 * s[h + j];
-      out[h + j] = x2 * c[h + j] - x1 * s[j];
-    } else {
-      out[j] = x1 * c[j] - x2 * s[j];
-      out[h + j] = x2 * c[h + j] + x1 * s[h + j];
-    }
-  }
-}
-
-// `n` consecutive positions of one (batch, head): input rows `x_stride` apart, output and table rows contiguous.
-template <bool BWD>
-I2L_CLONES void rope_rows(const float* x, int64_t x_stride, const float* c, const float* s, float* out, int64_t n,
-                          int64_t D) {
-  for (int64_t t = 0; t < n; ++t) rope_row<BWD>(x + t * x_stride, c + t * D, s + t * D, out + t * D, D / 2);
-}
-
 }  // namespace
 
-// GCC if-converts the clamps below into vector min/max only when FP compares may not trap (torch itself builds
-// with -fno-trapping-math); callers that should vectorize sit in the same push/pop region (see flash_attention.cpp).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC push_options
-#pragma GCC optimize("no-trapping-math")
-#endif
+// The clamps below vectorize only without trapping math; callers that should vectorize sit in such a region too.
+I2L_NO_TRAPPING_MATH_BEGIN
 // Cephes expf's core: with n = round(x / ln2), exp(x) / 2^n = exp(r) for r = x − n·ln2 (Cody-Waite: ln2 split in
 // two, so the reduction is exact), |r| ≤ ln2/2, by a degree-6 polynomial. T is float or a GCC float vector
 // (swiglu.cpp's vexp); the caller clamps x and multiplies by 2^n.
@@ -137,8 +115,6 @@ inline float exp_poly(float x) {
   return y * two_n;
 }
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC pop_options
-#endif
+I2L_NO_TRAPPING_MATH_END
 
 }  // namespace intro2llm

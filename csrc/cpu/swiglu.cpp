@@ -9,15 +9,12 @@
 // The math runs on 16-wide GCC/Clang vector types with polynomial exp/erf (Cephes expf, Abramowitz-Stegun
 // 7.1.26 erf, the same one ATen vectorizes); on x86-64 Linux with GCC each hot loop is cloned for x86-64-v4
 // (AVX-512) and x86-64-v3 (AVX2+FMA) and picked at load time (target_clones: no -march=native, the binary
-// still runs on any x86-64). Scalar std::exp made this compute-bound (~3 ns/element; 0.26 with AVX-512 on
-// this machine's EPYC). Work is split over elements with at::parallel_for; bf16/fp16 blocks are widened to
+// still runs on any x86-64). Scalar std::exp made this compute-bound. Work is split over elements with at::parallel_for; bf16/fp16 blocks are widened to
 // fp32 on the stack. Outputs of 32 MB and more use streaming stores (see vstream).
 //
 // Outputs are huge-page-advised (huge_pages.h): at (4096, 14336) fp32 the 4 KB page faults of a fresh 235 MB
-// output cost more than the arithmetic and the reads together.
-// Measured (4096 x 14336, fp32, 1 thread, side by side): forward 27.8 ms vs reference 210 ms (7.6x) vs clone()
-// 89 ms (clone pays the 4 KB faults); forward + backward 74 vs 508 ms (6.8x). Before huge pages: forward 1.57x
-// the reference, 1.1x the clone() time. Streaming stores took fp32 from 106 to 73 ms in the THP setting.
+// output cost more than the arithmetic and the reads together. Figures: benchmarks/bench_swiglu.py, lesson 03's
+// README.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -39,55 +36,49 @@
 #define I2L_HAVE_STREAM 0
 #endif
 
-#pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vector types inside inlined helpers only
-
 namespace intro2llm {
 namespace {
 
 enum Act : int { kSilu = 0, kGelu = 1, kGeluTanh = 2 };
 
-// Explicit 16-wide vectors (GCC/Clang vector extensions): lowered to 4x SSE2 in the default build, 2x AVX2
-// in the x86-64-v3 clone and AVX-512 in the x86-64-v4 clone (1M silu*up, 1 thread, EPYC: 0.26 ns/element
-// with v4, 0.42 with v3). Plain scalar loops do not vectorize here: without -fno-trapping-math the
-// compiler keeps the float compare-selects of the exp clamp as branches.
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
+// Explicit 16-wide vectors (v16, simd.h). Plain scalar loops do not vectorize here: without -fno-trapping-math
+// the compiler keeps the float compare-selects of the exp clamp as branches.
 constexpr int64_t W = 16;
 
-I2L_INLINE vf splat(float v) { return vf{} + v; }
-I2L_INLINE vf vload(const float* p) {
-  vf v;
+I2L_INLINE v16 splat(float v) { return v16{} + v; }
+I2L_INLINE v16 vload(const float* p) {
+  v16 v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-I2L_INLINE void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-I2L_INLINE vf vabs(vf x) { return (vf)((vi)x & 0x7fffffff); }
-I2L_INLINE vf vcopysign(vf mag, vf sgn) {
-  return (vf)(((vi)mag & 0x7fffffff) | ((vi)sgn & static_cast<int32_t>(0x80000000u)));
+I2L_INLINE void vstore(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+I2L_INLINE v16 vabs(v16 x) { return (v16)((v16i)x & 0x7fffffff); }
+I2L_INLINE v16 vcopysign(v16 mag, v16 sgn) {
+  return (v16)(((v16i)mag & 0x7fffffff) | ((v16i)sgn & static_cast<int32_t>(0x80000000u)));
 }
 
 // exp(x), ~2 ulp for x in [-87, 88] (Cephes expf); exactly 0 below -87 and +inf above log(FLT_MAX) = 88.72,
 // as expf (within 1.6e-38 of it below -87). Stand-ins such as exp(-87) ~ 1.6e-38 for 0 are no saturation once a
 // caller multiplies by a huge x: silu(-1e36) = -1e36 * sigmoid(-1e36) came out -6e-3 instead of -0.
-I2L_INLINE vf vexp(vf x) {
-  const vf x0 = x;
+I2L_INLINE v16 vexp(v16 x) {
+  const v16 x0 = x;
   x = x < splat(-87.0f) ? splat(-87.0f) : x;
   x = x > splat(88.0f) ? splat(88.0f) : x;
   // n = round(x / ln2), by truncating a positive number (t + 128.5 > 0 for x >= -87)
-  const vi n = __builtin_convertvector(x * 1.44269504088896341f + 128.5f, vi) - 128;
-  const vf y = exp_reduced(x, __builtin_convertvector(n, vf));  // simd.h
-  const vf r = y * (vf)((n + 127) << 23);  // times 2^n, built in the exponent bits
-  const vf big = x0 > splat(88.7228391f) ? splat(__builtin_inff()) : r;
+  const v16i n = __builtin_convertvector(x * 1.44269504088896341f + 128.5f, v16i) - 128;
+  const v16 y = exp_reduced(x, __builtin_convertvector(n, v16));  // simd.h
+  const v16 r = y * (v16)((n + 127) << 23);  // times 2^n, built in the exponent bits
+  const v16 big = x0 > splat(88.7228391f) ? splat(__builtin_inff()) : r;
   return x0 < splat(-87.0f) ? splat(0.0f) : big;
 }
 
-I2L_INLINE vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
+I2L_INLINE v16 vsigmoid(v16 x) { return 1.0f / (1.0f + vexp(-x)); }
 
 // erf(x), |error| <= 1.5e-7 (Abramowitz & Stegun 7.1.26, the formula ATen's vectorized erf uses).
-I2L_INLINE vf verf(vf x) {
-  const vf ax = vabs(x);
-  const vf t = 1.0f / (1.0f + 0.3275911f * ax);
-  vf p = splat(1.061405429f);
+I2L_INLINE v16 verf(v16 x) {
+  const v16 ax = vabs(x);
+  const v16 t = 1.0f / (1.0f + 0.3275911f * ax);
+  v16 p = splat(1.061405429f);
   p = p * t - 1.453152027f;
   p = p * t + 1.421413741f;
   p = p * t - 0.284496736f;
@@ -102,7 +93,7 @@ constexpr float kGeluC = 0.044715f;
 
 // act(x)
 template <int ACT>
-I2L_INLINE vf act_fwd(vf x) {
+I2L_INLINE v16 act_fwd(v16 x) {
   if constexpr (ACT == kSilu) {
     return x * vsigmoid(x);
   } else if constexpr (ACT == kGelu) {
@@ -114,21 +105,21 @@ I2L_INLINE vf act_fwd(vf x) {
 
 // act(x) and act'(x)
 template <int ACT>
-I2L_INLINE void act_fwd_bwd(vf x, vf& a, vf& da) {
+I2L_INLINE void act_fwd_bwd(v16 x, v16& a, v16& da) {
   if constexpr (ACT == kSilu) {
-    const vf s = vsigmoid(x);
+    const v16 s = vsigmoid(x);
     a = x * s;
     da = s * (1.0f + x * (1.0f - s));
   } else if constexpr (ACT == kGelu) {
-    const vf cdf = 0.5f * (1.0f + verf(x * kSqrt1_2));
+    const v16 cdf = 0.5f * (1.0f + verf(x * kSqrt1_2));
     a = x * cdf;
     da = cdf + x * kInvSqrt2Pi * vexp(-0.5f * x * x);
   } else {
-    const vf k = vsigmoid(2.0f * kSqrt2OverPi * (x + kGeluC * x * x * x));
+    const v16 k = vsigmoid(2.0f * kSqrt2OverPi * (x + kGeluC * x * x * x));
     a = x * k;
     // x^2 capped: past |x| ~ 1e19 it overflows, and k (1 - k), exactly 0 there, times inf gave NaN, not 0.
-    const vf x2 = x * x;
-    const vf x2c = x2 > splat(1e30f) ? splat(1e30f) : x2;
+    const v16 x2 = x * x;
+    const v16 x2c = x2 > splat(1e30f) ? splat(1e30f) : x2;
     da = k + x * k * (1.0f - k) * (2.0f * kSqrt2OverPi) * (1.0f + 3.0f * kGeluC * x2c);
   }
 }
@@ -136,7 +127,7 @@ I2L_INLINE void act_fwd_bwd(vf x, vf& a, vf& da) {
 // Non-temporal store of one vector (64-byte aligned `p`): the line goes to memory without being read first
 // (no read-for-ownership) and without evicting the inputs from the cache. Used only for outputs far larger
 // than the cache, which nothing reads back soon; saves 1 of the forward's 4 memory transfers.
-I2L_INLINE void vstream(float* p, vf v) {
+I2L_INLINE void vstream(float* p, v16 v) {
 #if I2L_HAVE_STREAM
   __m128 parts[4];
   std::memcpy(parts, &v, sizeof(v));
@@ -166,7 +157,7 @@ I2L_INLINE void fwd_body(const float* g, const float* u, float* out, int64_t n) 
     fwd_body<ACT, false>(g, u, out, i);
   }
   for (; i + W <= n; i += W) {
-    const vf r = act_fwd<ACT>(vload(g + i)) * vload(u + i);
+    const v16 r = act_fwd<ACT>(vload(g + i)) * vload(u + i);
     if constexpr (NT) {
       vstream(out + i, r);
     } else {
@@ -185,9 +176,9 @@ I2L_INLINE void fwd_body(const float* g, const float* u, float* out, int64_t n) 
 
 template <int ACT, bool NT>
 I2L_INLINE void bwd_step(const float* dy, const float* g, const float* u, float* dg, float* du) {
-  vf a, da;
+  v16 a, da;
   act_fwd_bwd<ACT>(vload(g), a, da);
-  const vf d = vload(dy);
+  const v16 d = vload(dy);
   if constexpr (NT) {
     vstream(dg, d * vload(u) * da);
     vstream(du, d * a);

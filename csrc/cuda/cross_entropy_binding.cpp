@@ -5,19 +5,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "binding.h"
 #include "cross_entropy.cuh"
 
 namespace intro2llm {
 namespace {
-
-cuda::DType ce_dtype_code(const at::Tensor& t, const char* op) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return cuda::DType::kFloat32;
-    case at::kHalf: return cuda::DType::kFloat16;
-    case at::kBFloat16: return cuda::DType::kBFloat16;
-    default: TORCH_CHECK_TYPE(false, op, ": logits must be float32, float16 or bfloat16, got ", t.scalar_type());
-  }
-}
 
 // Shapes, devices, dtypes, and (check_range) the range of every target: one device reduction + a host sync.
 // The backward skips the range check: its kernel only compares column indices with t, it never reads x[t].
@@ -57,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(const at::Tensor& logi
   const auto err = cuda::cross_entropy_fwd(logits.const_data_ptr(), tc.const_data_ptr<int64_t>(),
                                            loss.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>(), N, V,
                                            logits.stride(0), ignore_index, static_cast<float>(label_smoothing),
-                                           static_cast<float>(z_loss), ce_dtype_code(logits, op),
+                                           static_cast<float>(z_loss), cuda::dtype_code(logits, op, "logits"),
                                            at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(err));
   return {loss, lse};
@@ -82,7 +74,7 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
                                            tc.const_data_ptr<int64_t>(), lc.const_data_ptr<float>(),
                                            grad.mutable_data_ptr(), N, V, logits.stride(0), ignore_index,
                                            static_cast<float>(label_smoothing), static_cast<float>(z_loss),
-                                           ce_dtype_code(logits, op), at::cuda::getCurrentCUDAStream());
+                                           cuda::dtype_code(logits, op, "logits"), at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(err));
   return grad;
 }
@@ -103,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_bwd_cuda(at::Tensor& logits
                                                static_cast<float>(grad_scale), loss.mutable_data_ptr<float>(),
                                                lse.mutable_data_ptr<float>(), N, V, ignore_index,
                                                static_cast<float>(label_smoothing), static_cast<float>(z_loss),
-                                               ce_dtype_code(logits, op), at::cuda::getCurrentCUDAStream());
+                                               cuda::dtype_code(logits, op, "logits"), at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(err));
   return {loss, lse};
 }

@@ -8,6 +8,8 @@
 
 #include <optional>
 
+#include "binding.h"
+#include "op_checks.h"
 #include "flash_attention.cuh"
 
 namespace intro2llm {
@@ -16,42 +18,13 @@ namespace {
 using cuda::flash::DType;
 using cuda::flash::Shape;
 
-DType dtype_code(const at::Tensor& t, const char* op) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, op, ": q, k, v must be float32, float16 or bfloat16, got ", t.scalar_type());
-  }
-}
-
 void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, int64_t window,
            const std::optional<at::Tensor>& kpm, const char* op) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be 4-D (B, H, T, D), got q ",
-              q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK(q.is_cuda() && k.device() == q.device() && v.device() == q.device(), op,
+  TORCH_CHECK(q.dim() == 4 && q.is_cuda() && k.device() == q.device() && v.device() == q.device(), op,
               ": q, k, v must be on one CUDA device, got ", q.device(), ", ", k.device(), ", ", v.device());
-  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got k ", k.sizes(), " and v ",
-              v.sizes());
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3), op, ": batch and head_dim must match, got q ",
-              q.sizes(), " and k ", k.sizes());
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": H % Hkv must be 0, got q ", q.sizes(), " and k ",
-              k.sizes());
-  const int64_t D = q.size(3);
-  TORCH_CHECK(D == 16 || D == 32 || D == 64 || D == 128, op, ": head_dim must be one of 16, 32, 64, 128, got ", D);
-  TORCH_CHECK(k.size(2) > 0, op, ": the key length must be > 0, got k ", k.sizes());
-  TORCH_CHECK(!(causal || window > 0) || q.size(2) <= k.size(2), op,
-              ": causal/window attention needs Tq <= Tk, got q ", q.sizes(), " and k ", k.sizes());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-              ": q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  check_flash_attention_args(q, k, v, causal, window, kpm, op);
   TORCH_CHECK(q.size(0) * q.size(1) <= INT32_MAX && q.size(2) / 16 < 65535, op,
               ": B*H must fit in 2^31 and Tq in 65535*16 rows, got q ", q.sizes());
-  if (kpm.has_value()) {
-    TORCH_CHECK(kpm->scalar_type() == at::kBool && kpm->dim() == 2 && kpm->size(0) == q.size(0) &&
-                    kpm->size(1) == k.size(2) && kpm->device() == q.device(),
-                op, ": key_padding_mask must be bool (B, Tk) = (", q.size(0), ", ", k.size(2), ") on ", q.device(),
-                ", got ", kpm->scalar_type(), " ", kpm->sizes(), " on ", kpm->device());
-  }
 }
 
 Shape make_shape(const at::Tensor& q, const at::Tensor& k, bool causal, int64_t window, double scale,
@@ -82,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q,
   const Shape s = make_shape(q, k, causal, window, scale, kpm.has_value() ? &keep : nullptr);
   const auto err = cuda::flash::flash_attention_fwd(s, qc.const_data_ptr(), kc.const_data_ptr(), vc.const_data_ptr(),
                                                     out.mutable_data_ptr(), lse.mutable_data_ptr<float>(),
-                                                    dtype_code(q, op), at::cuda::getCurrentCUDAStream());
+                                                    cuda::dtype_code(q, op, "q, k, v"), at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(err));
   return {out, lse};
 }
@@ -110,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
   const auto err = cuda::flash::flash_attention_bwd(
       s, gc.const_data_ptr(), qc.const_data_ptr(), kc.const_data_ptr(), vc.const_data_ptr(), oc.const_data_ptr(),
       lc.const_data_ptr<float>(), delta.mutable_data_ptr<float>(), dq.mutable_data_ptr(), dk.mutable_data_ptr(),
-      dv.mutable_data_ptr(), dtype_code(q, op), at::cuda::getCurrentCUDAStream());
+      dv.mutable_data_ptr(), cuda::dtype_code(q, op, "q, k, v"), at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(err));
   return {dq, dk, dv};
 }

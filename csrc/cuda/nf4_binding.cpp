@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "binding.h"
 #include "nf4.cuh"
 
 namespace intro2llm {
@@ -16,15 +17,6 @@ namespace {
 
 constexpr int64_t kFusedMaxM = 64;
 constexpr int64_t kTileElems = int64_t{4} << 20;  // 4M elements: 8 MB in bf16 per dequantized tile
-
-cuda::DType dtype_code(at::ScalarType t, const char* op) {
-  switch (t) {
-    case at::kFloat: return cuda::DType::kFloat32;
-    case at::kHalf: return cuda::DType::kFloat16;
-    case at::kBFloat16: return cuda::DType::kBFloat16;
-    default: TORCH_CHECK(false, op, ": dtype must be float32, float16 or bfloat16, got ", t);
-  }
-}
 
 int log2_blocksize(int64_t blocksize, const char* op) {
   TORCH_CHECK(blocksize >= 8 && (blocksize & (blocksize - 1)) == 0, op,
@@ -54,7 +46,7 @@ void check_cuda(cudaError_t err, const char* op) {
 void dequantize_rows(const at::Tensor& packed, const at::Tensor& absmax, int shift, int64_t K, int64_t n0,
                      at::Tensor& tile, const char* op) {
   check_cuda(cuda::nf4_dequantize(packed.const_data_ptr<uint8_t>(), absmax.const_data_ptr<float>(), shift, n0 * K,
-                                  tile.numel(), tile.mutable_data_ptr(), dtype_code(tile.scalar_type(), op),
+                                  tile.numel(), tile.mutable_data_ptr(), cuda::dtype_code(tile, op, "the tile"),
                                   at::cuda::getCurrentCUDAStream()),
              op);
 }
@@ -69,7 +61,7 @@ at::Tensor nf4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& absma
   const auto a = absmax.contiguous();
   auto out = at::empty({numel}, packed.options().dtype(dtype));
   check_cuda(cuda::nf4_dequantize(p.const_data_ptr<uint8_t>(), a.const_data_ptr<float>(), shift, 0, numel,
-                                  out.mutable_data_ptr(), dtype_code(dtype, op), at::cuda::getCurrentCUDAStream()),
+                                  out.mutable_data_ptr(), cuda::dtype_code(dtype, op, "dtype"), at::cuda::getCurrentCUDAStream()),
              op);
   return out;
 }
@@ -96,7 +88,7 @@ at::Tensor nf4_matmul_fwd_cuda(const at::Tensor& x, const at::Tensor& packed, co
     if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
     check_cuda(cuda::nf4_matmul_fwd(xc.const_data_ptr(), p.const_data_ptr<uint8_t>(), a.const_data_ptr<float>(),
                                     bias.has_value() ? bf.const_data_ptr<float>() : nullptr, y.mutable_data_ptr(), M,
-                                    N, K, shift, dtype_code(x.scalar_type(), op), at::cuda::getCurrentCUDAStream()),
+                                    N, K, shift, cuda::dtype_code(x, op, "x"), at::cuda::getCurrentCUDAStream()),
                op);
     return y;
   }

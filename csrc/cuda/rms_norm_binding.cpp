@@ -5,19 +5,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "binding.h"
 #include "rms_norm.cuh"
 
 namespace intro2llm {
 namespace {
-
-cuda::DType dtype_code(const at::Tensor& t, const char* op) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return cuda::DType::kFloat32;
-    case at::kHalf: return cuda::DType::kFloat16;
-    case at::kBFloat16: return cuda::DType::kBFloat16;
-    default: TORCH_CHECK(false, op, ": x must be float32, float16 or bfloat16, got ", t.scalar_type());
-  }
-}
 
 void check(const at::Tensor& x, const at::Tensor& weight, const char* op) {
   TORCH_CHECK(x.is_cuda() && weight.device() == x.device(), op, ": x and weight must be on one CUDA device, got ",
@@ -39,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& x, const 
   auto rstd = at::empty(rstd_sizes, x.options().dtype(at::kFloat));
   const auto err = cuda::rms_norm_fwd(xc.const_data_ptr(), wf.const_data_ptr<float>(), y.mutable_data_ptr(),
                                       rstd.mutable_data_ptr<float>(), M, N, static_cast<float>(eps),
-                                      dtype_code(x, "intro2llm::rms_norm_fwd"), at::cuda::getCurrentCUDAStream());
+                                      cuda::dtype_code(x, "intro2llm::rms_norm_fwd", "x"), at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "intro2llm::rms_norm_fwd: CUDA error: ", cudaGetErrorString(err));
   return {y, rstd};
 }
@@ -63,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& grad_y, c
   const auto err = cuda::rms_norm_bwd(gc.const_data_ptr(), xc.const_data_ptr(), wf.const_data_ptr<float>(),
                                       rc.const_data_ptr<float>(), dx.mutable_data_ptr(),
                                       dw_partial.mutable_data_ptr<float>(), dw.mutable_data_ptr<float>(), M, N,
-                                      num_blocks, dtype_code(x, "intro2llm::rms_norm_bwd"),
+                                      num_blocks, cuda::dtype_code(x, "intro2llm::rms_norm_bwd", "x"),
                                       at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "intro2llm::rms_norm_bwd: CUDA error: ", cudaGetErrorString(err));
   return {dx, dw.to(weight.scalar_type())};

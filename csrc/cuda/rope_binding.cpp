@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "binding.h"
+#include "op_checks.h"
 #include "rope.cuh"
 
 namespace intro2llm {
@@ -12,29 +14,13 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> rope_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& cos,
                                              const at::Tensor& sin, bool backward, const char* op) {
-  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4, op, ": q and k must be 4-D (B, H, T, D), got q ", q_in.sizes(),
-              " and k ", k_in.sizes());
+  check_rope_args(q_in, k_in, cos, sin, op);
   const int64_t B = q_in.size(0), T = q_in.size(2), D = q_in.size(3);
-  TORCH_CHECK(k_in.size(0) == B && k_in.size(2) == T && k_in.size(3) == D, op, ": k must have shape (", B, ", Hkv, ",
-              T, ", ", D, ") to match q of shape ", q_in.sizes(), ", got ", k_in.sizes());
-  TORCH_CHECK(D > 0 && D % 2 == 0, op, ": head_dim must be even and > 0, got q of shape ", q_in.sizes());
-  TORCH_CHECK(q_in.scalar_type() == k_in.scalar_type(), op, ": q and k must share a dtype, got ", q_in.scalar_type(),
-              " and ", k_in.scalar_type());
-  TORCH_CHECK(cos.dim() == 3 && cos.sizes() == sin.sizes() && (cos.size(0) == 1 || cos.size(0) == B) &&
-                  cos.size(1) == T && cos.size(2) == D,
-              op, ": cos/sin must have shape (", B, " or 1, ", T, ", ", D, "), got cos ", cos.sizes(), " and sin ",
-              sin.sizes());
   TORCH_CHECK(q_in.is_cuda() && k_in.device() == q_in.device() && cos.device() == q_in.device() &&
                   sin.device() == q_in.device(),
               op, ": q, k, cos, sin must be on one CUDA device, got q on ", q_in.device(), ", k on ", k_in.device(),
               ", cos on ", cos.device(), ", sin on ", sin.device());
-  cuda::DType dtype;
-  switch (q_in.scalar_type()) {
-    case at::kFloat: dtype = cuda::DType::kFloat32; break;
-    case at::kHalf: dtype = cuda::DType::kFloat16; break;
-    case at::kBFloat16: dtype = cuda::DType::kBFloat16; break;
-    default: TORCH_CHECK(false, op, ": q must be float32, float16 or bfloat16, got ", q_in.scalar_type());
-  }
+  const cuda::DType dtype = cuda::dtype_code(q_in, op, "q");
   const c10::cuda::CUDAGuard guard(q_in.device());
   const auto q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
   const auto k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();

@@ -7,6 +7,7 @@
 
 #include <string>
 
+#include "binding.h"
 #include "swiglu.cuh"
 
 namespace intro2llm {
@@ -19,12 +20,7 @@ cuda::DType check_pair(const at::Tensor& gate, const at::Tensor& up, const char*
               gate.scalar_type(), " and ", up.scalar_type());
   TORCH_CHECK(gate.is_cuda() && up.device() == gate.device(), op, ": gate and up must be on one CUDA device, got ",
               gate.device(), " and ", up.device());
-  switch (gate.scalar_type()) {
-    case at::kFloat: return cuda::DType::kFloat32;
-    case at::kHalf: return cuda::DType::kFloat16;
-    case at::kBFloat16: return cuda::DType::kBFloat16;
-    default: TORCH_CHECK(false, op, ": gate must be float32, float16 or bfloat16, got ", gate.scalar_type());
-  }
+  return cuda::dtype_code(gate, op, "gate");
 }
 
 cuda::GluAct parse_act(c10::string_view approximate, const char* op) {
