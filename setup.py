@@ -169,6 +169,18 @@ def _build_py(record):
     return BuildPy
 
 
+def _swap_extension(cmd, new) -> None:
+    """Replace the (CUDA) extension of a finalized build_ext by ``new``, with the fields finalize_options set."""
+    old = cmd.extensions[0]
+    for attr in ("_full_name", "_links_to_dynamic", "_needs_stub"):
+        if hasattr(old, attr):
+            setattr(new, attr, getattr(old, attr))
+    for key, value in list(getattr(cmd, "ext_map", {}).items()):
+        if value is old:
+            cmd.ext_map[key] = new
+    cmd.extensions = cmd.distribution.ext_modules = [new]
+
+
 def _optional_build_ext(base, torch, cuda_home, cpp_ext, cuda_note):
     class OptionalBuildExt(base):
         """torch's BuildExtension (ninja, parallel): falls back to the C++ kernels alone when the CUDA part fails,
@@ -206,7 +218,7 @@ def _optional_build_ext(base, torch, cuda_home, cpp_ext, cuda_note):
                                        f"not compile: {problem}")
                 notes.append(f"the CUDA kernels cannot compile here: torch's CUDA headers fail ({problem})")
                 _say(f"{notes[-1]}; building the C++ CPU kernels alone", loud=True)
-                self.extensions = self.distribution.ext_modules = [cpp_ext]
+                _swap_extension(self, cpp_ext)
                 is_cuda = False
             if is_cuda:
                 note = R.ensure_cuda_arch_list(torch, cuda_home)
@@ -221,7 +233,7 @@ def _optional_build_ext(base, torch, cuda_home, cpp_ext, cuda_note):
                      loud=True)
                 notes.append(f"the CUDA kernels did not compile: {failed[1]}")
                 self.compiler = None  # run() makes a fresh compiler
-                self.extensions = self.distribution.ext_modules = [cpp_ext]
+                _swap_extension(self, cpp_ext)
                 is_cuda = False
                 failed = self._attempt()
             ident = R.identity(torch)
