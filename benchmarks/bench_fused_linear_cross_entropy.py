@@ -17,23 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 import intro2llm.ops as ops
+from intro2llm.testing import child_json_value, peak_mib_since, reset_peak_rss, status_kb
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _child(kind: str, N: int, H: int, V: int, dtype: str, backend: str) -> None:
@@ -54,19 +46,16 @@ def _child(kind: str, N: int, H: int, V: int, dtype: str, backend: str) -> None:
 
     small = 16  # warm-up: load kernels / libraries outside the measurement
     step(hidden[:small].detach().requires_grad_(), weight[:64].detach().requires_grad_(), targets[:small] % 64)
-    before = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    before = status_kb("VmRSS")
+    reset_peak_rss()
     loss = step(hidden, weight, targets)
-    peak = _status_kb("VmHWM") - before
-    print(json.dumps({"peak_mb": peak / 1024, "loss": loss}))
+    print(json.dumps({"peak_mb": peak_mib_since(before), "loss": loss}))
 
 
 def measure_peak_mb(kind: str, N: int, H: int, V: int, dtype: str = "float32", backend: str = "cpp") -> float:
     """Peak extra resident memory (MiB) of one forward+backward, measured in a fresh subprocess."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, str(N), str(H), str(V), dtype, backend]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+    return child_json_value(cmd, "peak_mb")
 
 
 def memory_table(N: int, H: int, vocabs: list[int], eager_tokens: list[int] | None, backend: str) -> list[dict]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -23,16 +22,9 @@ import pytest
 import torch
 
 import intro2llm.ops as ops
+from intro2llm.testing import child_json_value, peak_mib_since, reset_peak_rss, status_kb
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _inputs(N: int, H: int, V: int, dtype=torch.float32):
@@ -61,17 +53,15 @@ def _child(kind: str, N: int, H: int, V: int) -> None:
     h, w, t, up = _inputs(N, H, V)
     small = [x[:16].detach().requires_grad_() if x.is_floating_point() and x.dim() == 2 else x[:16] for x in (h,)]
     step(kind, small[0], w[:64].detach().requires_grad_(), t[:16] % 64, up[:16])  # warm-up outside the figure
-    before = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    before = status_kb("VmRSS")
+    reset_peak_rss()
     step(kind, h, w, t, up)
-    print(json.dumps({"peak_mb": (_status_kb("VmHWM") - before) / 1024}))
+    print(json.dumps({"peak_mb": peak_mib_since(before)}))
 
 
 def peak_mb(kind: str, N: int, H: int, V: int) -> float:
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", kind, str(N), str(H), str(V)],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+    return child_json_value([sys.executable, os.path.abspath(__file__), "--child", kind, str(N), str(H), str(V)],
+                            "peak_mb")
 
 
 SHAPES = [(1024, 256, 32000)] if DEVICE == "cpu" else [(8192, 2048, 32000), (8192, 4096, 128256)]

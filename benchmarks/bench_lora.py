@@ -28,12 +28,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
+
+from intro2llm.testing import child_json_value, peak_mib_since, reset_peak_rss, status_kb
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BATCH, SEQ, RANK, ALPHA = 8, 128, 8, 16
@@ -142,14 +143,6 @@ def test_lora_step(benchmark, impl):
 
 
 # ----------------------------------------------------------------------------------------------- script
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _memory_child(impl: str, batch: int, seq: int) -> None:
     import intro2llm.model.causal_lm  # noqa: F401 - import everything before the baseline
     import intro2llm.model.lora  # noqa: F401
@@ -157,19 +150,17 @@ def _memory_child(impl: str, batch: int, seq: int) -> None:
     import intro2llm.optimizer  # noqa: F401
 
     torch.randn(8).sum()  # initialise the allocator/threads
-    before = _status_kb("VmRSS")
+    before = status_kb("VmRSS")
     _, step = build(impl, batch, seq)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    reset_peak_rss()
     for _ in range(3):
         step()
-    print(json.dumps({"impl": impl, "peak_mib": (_status_kb("VmHWM") - before) / 1024}))
+    print(json.dumps({"impl": impl, "peak_mib": peak_mib_since(before)}))
 
 
 def measure_memory(impl: str, batch: int, seq: int) -> float:
-    out = subprocess.run([sys.executable, __file__, "--memory-child", impl, "--batch", str(batch), "--seq", str(seq)],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+    cmd = [sys.executable, __file__, "--memory-child", impl, "--batch", str(batch), "--seq", str(seq)]
+    return child_json_value(cmd, "peak_mib")
 
 
 def measure_speed(batch: int, seq: int, rounds: int) -> dict[str, float]:

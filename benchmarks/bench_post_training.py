@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
+
+from intro2llm.testing import child_json_value, peak_mib_since, reset_peak_rss, status_kb
 
 BATCH, SEQ = 8, 128
 _TMP = tempfile.mkdtemp(prefix="bench_post_training_")
@@ -78,32 +79,22 @@ def batch_ids(batch: int, seq: int, vocab: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, vocab, (batch, seq), generator=g)
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _memory_child(name: str, batch: int, seq: int) -> None:
     import gc
 
     gc.collect()
-    before = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    before = status_kb("VmRSS")
+    reset_peak_rss()
     step = BUILDERS[name](batch, seq)
     for _ in range(3):
         step()
-    print(json.dumps({"name": name, "peak_mib": (_status_kb("VmHWM") - before) / 1024}))
+    print(json.dumps({"name": name, "peak_mib": peak_mib_since(before)}))
 
 
 def measure_memory(name: str, batch: int, seq: int) -> float:
     """Peak MiB of building ``name`` and running 3 steps, in a fresh process."""
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name, "--batch", str(batch),
-                          "--seq", str(seq)], capture_output=True, text=True, check=True, cwd=_TMP)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+    return child_json_value([sys.executable, os.path.abspath(__file__), "--child", name, "--batch", str(batch),
+                             "--seq", str(seq)], "peak_mib", cwd=_TMP)
 
 
 def measure_speed(names: list[str], batch: int, seq: int, rounds: int) -> dict[str, float]:

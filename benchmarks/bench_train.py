@@ -22,12 +22,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
+
+from intro2llm.testing import child_json_value, peak_mib_since, reset_peak_rss, status_kb
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BATCH, SEQ = 8, 128
@@ -109,14 +110,6 @@ def test_train_step(benchmark, impl):
 
 
 # ----------------------------------------------------------------------------------------------- script
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _memory_child(impl: str, batch: int, seq: int, precision: str) -> None:
     import intro2llm.interop.hf  # noqa: F401 - import everything before the baseline
     import intro2llm.model.causal_lm  # noqa: F401
@@ -125,19 +118,17 @@ def _memory_child(impl: str, batch: int, seq: int, precision: str) -> None:
     if impl == "hf":
         import transformers  # noqa: F401
     torch.randn(8).sum()  # initialise the allocator/threads
-    before = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    before = status_kb("VmRSS")
+    reset_peak_rss()
     _, _, step = build(impl, batch, seq, precision=precision)
     for _ in range(3):
         step()
-    print(json.dumps({"impl": impl, "peak_mib": (_status_kb("VmHWM") - before) / 1024}))
+    print(json.dumps({"impl": impl, "peak_mib": peak_mib_since(before)}))
 
 
 def measure_memory(impl: str, batch: int, seq: int, precision: str = "fp32") -> float:
-    out = subprocess.run([sys.executable, __file__, "--memory-child", impl, "--batch", str(batch), "--seq", str(seq),
-                          "--precision", precision], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+    return child_json_value([sys.executable, __file__, "--memory-child", impl, "--batch", str(batch), "--seq", str(seq),
+                             "--precision", precision], "peak_mib")
 
 
 def measure_speed(batch: int, seq: int, rounds: int, precision: str = "fp32") -> dict[str, float]:

@@ -90,3 +90,34 @@ def peak_extra_memory(setup: str, run: str, timeout: float = 600.0) -> int:
     if out.returncode != 0:
         raise RuntimeError(f"memory measurement failed:\n{out.stderr[-2000:]}")
     return int(out.stdout.split("PEAK_EXTRA_BYTES")[-1].split()[0])
+
+
+# Primitives for benchmarks that measure their own peak memory in a fresh process (they re-run their script
+# with a "child" flag; the child prints one JSON line last).
+def status_kb(field: str) -> int:
+    """``field`` of /proc/self/status (``VmRSS``, ``VmHWM``, ...) in kB. Linux only."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Reset ``VmHWM`` to the current RSS (``5`` into /proc/self/clear_refs). Linux only."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_mib_since(before_kb: int) -> float:
+    """``VmHWM`` minus ``before_kb`` (a ``VmRSS`` read before the measured work), in MiB."""
+    return (status_kb("VmHWM") - before_kb) / 1024
+
+
+def child_json_value(cmd: Sequence[str], key: str, cwd: str | None = None):
+    """Run ``cmd`` (a fresh process) and return ``key`` of the JSON object on the last line it prints."""
+    import json
+    import subprocess
+
+    out = subprocess.run(list(cmd), capture_output=True, text=True, check=True, cwd=cwd)
+    return json.loads(out.stdout.strip().splitlines()[-1])[key]
