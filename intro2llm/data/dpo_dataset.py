@@ -26,7 +26,6 @@ Not handled: multi-turn prompts (give the history as messages in a JSONL ``"prom
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -34,7 +33,7 @@ from typing import Any
 import torch
 
 from intro2llm.data import chat
-from intro2llm.data.sft_dataset import IGNORE_INDEX, SFTBatches
+from intro2llm.data.sft_dataset import IGNORE_INDEX, SFTBatches, read_jsonl_rows
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -48,24 +47,13 @@ def synthetic_triples(n: int, seed: int = 0) -> list[dict[str, str]]:
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows ``{"prompt", "chosen", "rejected"[, "system"]}`` from a JSONL file."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"DPO data file {path!r} does not exist")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not valid JSON ({exc})") from None
-            if not isinstance(row, Mapping):
-                raise ValueError(f"{path}:{n}: expected an object with {FIELDS}, got {row!r:.80}")
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"DPO data file {path!r} holds no rows")
-    return rows
+    return read_jsonl_rows(path, "DPO", _object_row)
+
+
+def _object_row(row: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(row, Mapping):
+        raise ValueError(f"{where}: expected an object with {FIELDS}, got {row!r:.80}")
+    return row
 
 
 def _as_row(row: Any) -> Mapping[str, Any]:

@@ -32,8 +32,8 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 
@@ -41,6 +41,7 @@ from intro2llm.data import chat
 
 IGNORE_INDEX = -100
 TRUNCATION_MODES = ("right", "left", "drop")
+T = TypeVar("T")
 
 
 def rows_from_pairs(pairs: Iterable[tuple[str, str]], system: str | None = None) -> list[list[dict[str, str]]]:
@@ -65,11 +66,15 @@ def row_to_messages(row: Any, where: str = "row") -> list[dict[str, str]]:
     raise ValueError(f"{where}: expected a 'messages' or 'prompt'/'response' field, got keys {sorted(row)}")
 
 
-def read_jsonl(path: str | os.PathLike) -> list[list[dict[str, str]]]:
-    """Conversations from a JSONL file (one row per line; see ``row_to_messages``)."""
+def read_jsonl_rows(path: str | os.PathLike, kind: str, convert: Callable[[Any, str], T]) -> list[T]:
+    """``convert(row, "FILE:LINE")`` of every row of a JSONL file (blank lines skipped).
+
+    A missing file is a ``FileNotFoundError``; a line that is not JSON, or a file without rows, a ``ValueError``
+    (``kind``, e.g. ``"SFT"``, names the data in the messages).
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"SFT data file {path!r} does not exist")
+        raise FileNotFoundError(f"{kind} data file {path!r} does not exist")
     out = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -79,10 +84,15 @@ def read_jsonl(path: str | os.PathLike) -> list[list[dict[str, str]]]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{n}: not valid JSON ({exc})") from None
-            out.append(row_to_messages(row, f"{path}:{n}"))
+            out.append(convert(row, f"{path}:{n}"))
     if not out:
-        raise ValueError(f"SFT data file {path!r} holds no rows")
+        raise ValueError(f"{kind} data file {path!r} holds no rows")
     return out
+
+
+def read_jsonl(path: str | os.PathLike) -> list[list[dict[str, str]]]:
+    """Conversations from a JSONL file (one row per line; see ``row_to_messages``)."""
+    return read_jsonl_rows(path, "SFT", row_to_messages)
 
 
 def _has_target(labels: Sequence[int]) -> bool:

@@ -21,6 +21,8 @@ import json
 import sys
 import time
 
+from intro2llm.training.sft_cli import add_optim_args, add_run_args, check_at_least_one, check_out_dir
+
 DEFAULTS = dict(steps=100, batch_size=16, lr=5e-5, warmup=10, num_train=4000, beta=0.1, max_length=64)
 
 
@@ -49,23 +51,14 @@ def register(subparsers) -> None:  # noqa: ANN001 - argparse's private subparser
     p.add_argument("--micro-batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     p.add_argument("--warmup", type=int, default=DEFAULTS["warmup"])
-    p.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant", "wsd"])
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "lion", "torch-adamw"])
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="global-norm clip (0: off)")
-    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
+    add_optim_args(p)
     p.add_argument("--max-length", type=int, default=DEFAULTS["max_length"], help="prompt + response tokens")
     p.add_argument("--max-prompt-length", type=int, default=None, help="prompt tokens kept (from the end)")
     p.add_argument("--num-train", type=int, default=DEFAULTS["num_train"], help="synthetic training pairs")
     p.add_argument("--accuracy-samples", type=int, default=200, help="held-out problems (0: skip)")
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--keep", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--no-tensorboard", action="store_true")
+    add_run_args(p)
     from intro2llm.training.peft_args import add_peft_args
 
     add_peft_args(p)  # --lora R / --qlora: adapters on the policy; the reference stays the full --ckpt model
@@ -97,24 +90,21 @@ def run(args: argparse.Namespace) -> int:
     """Handler of ``intro2llm dpo``; returns the exit code."""
     from pathlib import Path
 
-    for name in ("steps", "batch_size", "max_length", "num_train"):
-        if getattr(args, name) < 1:
-            return _fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if (err := check_at_least_one(args, ("steps", "batch_size", "max_length", "num_train"))) is not None:
+        return _fail(err)
     if args.beta <= 0:
         return _fail(f"--beta must be > 0, got {args.beta}")
     import torch
 
     from intro2llm.data import chat
     from intro2llm.evaluation.cli import load_checkpoint
-    from intro2llm.training.checkpoint import CheckpointError, latest_checkpoint
+    from intro2llm.training.checkpoint import CheckpointError
 
     out = Path(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.resume and latest_checkpoint(out / "checkpoints") is None:
-        return _fail(f"--resume: no checkpoint found in {out / 'checkpoints'} (expected step_*/)")
-    if not args.resume and latest_checkpoint(out / "checkpoints") is not None:
-        return _fail(f"{out} already holds checkpoints of a run; pass --resume to continue it, or choose another --out")
+    if (err := check_out_dir(out, args.resume)) is not None:
+        return _fail(err)
     try:
         template = chat.get_template(args.template or chat.read_chat_template_name(args.ckpt) or "plain")
         model, tokenizer = load_checkpoint(args.ckpt)

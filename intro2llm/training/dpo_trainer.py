@@ -34,6 +34,7 @@ from intro2llm.data.dpo_dataset import DPOBatches, DPODataset, collate
 from intro2llm.data.sft_dataset import IGNORE_INDEX
 from intro2llm.loss.dpo_loss import DPOLoss
 from intro2llm.training.distributed import DistInfo, init_distributed
+from intro2llm.training.sft_trainer import check_max_positions, sharded_eval_data
 from intro2llm.training.trainer import Trainer, TrainerConfig
 
 
@@ -87,20 +88,11 @@ class DPOTrainer(Trainer):
         self.loss_fn = DPOLoss(beta, loss_type, label_smoothing, reference_free)
         self.dataset, self.template = dataset, dataset.template
         self.tokenizer = tokenizer if tokenizer is not None else dataset.tokenizer
-        max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        if max_pos is not None and dataset.max_row_length() > max_pos:
-            raise ValueError(f"DPO rows have up to {dataset.max_row_length()} tokens but the model's "
-                             f"max_position_embeddings is {max_pos}; pass max_length <= {max_pos}")
+        check_max_positions(model, dataset.max_row_length(), "DPO")
         self.pad_id = chat.stop_token_id(self.tokenizer, dataset.template)
         data = DPOBatches(dataset, config.batch_size, self.pad_id, seed=seed, rank=info.rank,
                           world_size=info.world_size)
-        eval_fn = None
-        if eval_dataset is not None:
-            def eval_fn():  # the whole held-out set, this rank's share of rows
-                rows = list(range(info.rank, len(eval_dataset), info.world_size))
-                step = max(1, config.batch_size // info.world_size)
-                for i in range(0, len(rows), step):
-                    yield collate([eval_dataset[j] for j in rows[i:i + step]], self.pad_id)
+        eval_fn = sharded_eval_data(eval_dataset, collate, self.pad_id, config.batch_size, info)
         self.ref_model: nn.Module | None = None
         self.ref_logps: dict[str, dict[str, torch.Tensor]] = {}
         self._step_metrics: dict[str, list[float]] = defaultdict(list)

@@ -50,11 +50,7 @@ def register(subparsers) -> None:  # noqa: ANN001 - argparse's private subparser
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     p.add_argument("--min-lr", type=float, default=None, help="final learning rate (default lr/10)")
     p.add_argument("--warmup", type=int, default=DEFAULTS["warmup"])
-    p.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant", "wsd"])
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "lion", "torch-adamw"])
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="global-norm clip (0: off)")
-    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
+    add_optim_args(p)
     p.add_argument("--max-length", type=int, default=DEFAULTS["max_length"], help="tokens per row (truncation)")
     p.add_argument("--truncation", default="right", choices=["right", "left", "drop"],
                    help="over-long rows: keep the start / keep the end / drop (rows left without a supervised "
@@ -65,12 +61,7 @@ def register(subparsers) -> None:  # noqa: ANN001 - argparse's private subparser
     p.add_argument("--accuracy-samples", type=int, default=200, help="held-out problems for exact match (0: skip)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--keep", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--no-tensorboard", action="store_true")
+    add_run_args(p)
     from intro2llm.training.peft_args import add_peft_args
 
     add_peft_args(p)
@@ -80,6 +71,44 @@ def register(subparsers) -> None:  # noqa: ANN001 - argparse's private subparser
 def _fail(msg: str) -> int:
     print(f"intro2llm sft: error: {msg}", file=sys.stderr)
     return 2
+
+
+def add_optim_args(p: argparse.ArgumentParser) -> None:
+    """Optimizer/schedule/precision options shared by ``intro2llm sft`` and ``intro2llm dpo``."""
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant", "wsd"])
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "lion", "torch-adamw"])
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="global-norm clip (0: off)")
+    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """Checkpoint-keeping, seed, device and logging options shared by ``intro2llm sft`` and ``intro2llm dpo``."""
+    p.add_argument("--keep", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-tensorboard", action="store_true")
+
+
+def check_at_least_one(args: argparse.Namespace, names: tuple[str, ...]) -> str | None:
+    """The error message for the first of ``names`` below 1, else None."""
+    for name in names:
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
+    return None
+
+
+def check_out_dir(out, resume: bool) -> str | None:  # noqa: ANN001 - a pathlib.Path
+    """The error message when ``--resume`` finds no checkpoint in ``out``, or a fresh run would overwrite one."""
+    from intro2llm.training.checkpoint import latest_checkpoint
+
+    if resume and latest_checkpoint(out / "checkpoints") is None:
+        return f"--resume: no checkpoint found in {out / 'checkpoints'} (expected step_*/)"
+    if not resume and latest_checkpoint(out / "checkpoints") is not None:
+        return f"{out} already holds checkpoints of a run; pass --resume to continue it, or choose another --out"
+    return None
 
 
 SYNTHETIC_TRAIN = dict(ops=("+",), min_digits=1, max_digits=2)  # the training mix of --data synthetic
@@ -105,9 +134,8 @@ def run(args: argparse.Namespace) -> int:
 
     from intro2llm.data import chat
 
-    for name in ("steps", "batch_size", "max_length", "num_train"):
-        if getattr(args, name) < 1:
-            return _fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if (err := check_at_least_one(args, ("steps", "batch_size", "max_length", "num_train"))) is not None:
+        return _fail(err)
     try:
         template = chat.get_template(args.template)
     except ValueError as exc:
@@ -116,16 +144,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from intro2llm.evaluation.cli import load_checkpoint
-    from intro2llm.training.checkpoint import CheckpointError, latest_checkpoint
+    from intro2llm.training.checkpoint import CheckpointError
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not args.show_mask:
-        if args.resume and latest_checkpoint(out / "checkpoints") is None:
-            return _fail(f"--resume: no checkpoint found in {out / 'checkpoints'} (expected step_*/)")
-        if not args.resume and latest_checkpoint(out / "checkpoints") is not None:
-            return _fail(f"{out} already holds checkpoints of a run; pass --resume to continue it, or choose another "
-                         "--out")
+    if not args.show_mask and (err := check_out_dir(out, args.resume)) is not None:
+        return _fail(err)
     try:
         model, tokenizer = load_checkpoint(args.ckpt)
     except (FileNotFoundError, ValueError, OSError) as exc:

@@ -22,7 +22,7 @@ Not handled: NEFTune noise, per-turn loss weights, sequence-parallel packing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -30,9 +30,34 @@ from torch import nn
 
 from intro2llm import ops
 from intro2llm.data import chat
-from intro2llm.data.sft_dataset import IGNORE_INDEX, SFTBatches, SFTDataset
+from intro2llm.data.sft_dataset import IGNORE_INDEX, SFTBatches, SFTDataset, collate
 from intro2llm.training.distributed import DistInfo, init_distributed
 from intro2llm.training.trainer import Trainer, TrainerConfig
+
+
+def check_max_positions(model: nn.Module, longest: int, kind: str) -> None:
+    """``ValueError`` when ``kind`` (``"SFT"``, ``"DPO"``) rows of ``longest`` tokens exceed the model's positions."""
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_pos is not None and longest > max_pos:
+        raise ValueError(f"{kind} rows have up to {longest} tokens but the model's max_position_embeddings is "
+                         f"{max_pos}; pass max_length <= {max_pos}")
+
+
+def sharded_eval_data(
+    eval_dataset: Any | None, collate_fn: Callable[[list, int], dict[str, torch.Tensor]], pad: int, batch_size: int,
+    info: DistInfo,
+) -> Callable[[], Iterator[dict[str, torch.Tensor]]] | None:
+    """``Trainer``'s ``eval_data``: the whole held-out set, this rank's share of rows (None without a dataset)."""
+    if eval_dataset is None:
+        return None
+
+    def eval_fn() -> Iterator[dict[str, torch.Tensor]]:
+        rows = list(range(info.rank, len(eval_dataset), info.world_size))
+        step = max(1, batch_size // info.world_size)
+        for i in range(0, len(rows), step):
+            yield collate_fn([eval_dataset[j] for j in rows[i:i + step]], pad)
+
+    return eval_fn
 
 
 class SFTTrainer(Trainer):
@@ -57,22 +82,11 @@ class SFTTrainer(Trainer):
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {vocab}; "
                              "call resize_token_embeddings(model, tokenizer.vocab_size) after adding special tokens")
         longest = max(len(ids) for ids, _ in dataset.samples) if not dataset.packing else dataset.max_length
-        max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        if max_pos is not None and longest > max_pos:
-            raise ValueError(f"SFT rows have up to {longest} tokens but the model's max_position_embeddings is "
-                             f"{max_pos}; pass max_length <= {max_pos}")
+        check_max_positions(model, longest, "SFT")
         self.dataset, self.tokenizer, self.template = dataset, tokenizer, dataset.template
         pad = chat.stop_token_id(tokenizer, dataset.template)
         data = SFTBatches(dataset, config.batch_size, pad, seed=seed, rank=info.rank, world_size=info.world_size)
-        eval_fn = None
-        if eval_dataset is not None:
-            def eval_fn():  # the whole held-out set, this rank's share of rows
-                rows = list(range(info.rank, len(eval_dataset), info.world_size))
-                step = max(1, config.batch_size // info.world_size)
-                for i in range(0, len(rows), step):
-                    from intro2llm.data.sft_dataset import collate
-
-                    yield collate([eval_dataset[j] for j in rows[i:i + step]], pad)
+        eval_fn = sharded_eval_data(eval_dataset, collate, pad, config.batch_size, info)
         super().__init__(model, config, data, eval_data=eval_fn, optimizer=optimizer, scheduler=scheduler,
                          dist_info=info)
 
