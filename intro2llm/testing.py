@@ -121,3 +121,46 @@ def child_json_value(cmd: Sequence[str], key: str, cwd: str | None = None):
 
     out = subprocess.run(list(cmd), capture_output=True, text=True, check=True, cwd=cwd)
     return json.loads(out.stdout.strip().splitlines()[-1])[key]
+
+
+_FUSED_VS_EAGER_CHILD = r"""
+import json, sys, torch, intro2llm.ops as ops
+kind, N, H, V = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+def kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(field + ":"))
+torch.manual_seed(0)
+h = torch.randn(N, H).requires_grad_(); w = (torch.randn(V, H) * 0.02).requires_grad_(); t = torch.randint(0, V, (N,))
+{step}
+step(h[:8].detach().requires_grad_(), w[:32].detach().requires_grad_(), t[:8] % 32)  # warm-up
+before = kb("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+step(h, w, t)
+print(json.dumps({"peak_kb": kb("VmHWM") - before}))
+"""
+
+
+def assert_fused_peak_fraction_of_eager(step_src: str, N: int, H: int, V: int, fraction: float = 0.25) -> None:
+    """Assert that a fused linear+loss op's peak extra memory is at most ``fraction`` of the eager version's.
+
+    ``step_src`` defines ``step(h, w, t)`` (one forward + backward; ``kind`` is ``"fused"`` or ``"eager"``, and
+    ``torch``/``ops`` are imported). Each kind runs in a fresh process (``OMP_NUM_THREADS=2``) on seeded
+    (N, H) hidden states, (V, H) weights and N targets, after a small warm-up; the figure is ``VmHWM`` (reset via
+    /proc/self/clear_refs) minus ``VmRSS`` before the step, in kB. Linux only.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = _FUSED_VS_EAGER_CHILD.replace("{step}", step_src.strip("\n"))
+
+    def peak(kind: str) -> int:
+        out = subprocess.run([sys.executable, "-c", code, kind, str(N), str(H), str(V)], check=True,
+                             capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
+        return json.loads(out.stdout.strip().splitlines()[-1])["peak_kb"]
+
+    fused, eager = peak("fused"), peak("eager")
+    assert eager > N * V * 4 // 1024, f"eager peak {eager} kB is below one logits tensor: measurement broken"
+    assert fused <= fraction * eager, f"fused peak {fused} kB > {fraction:.0%} of eager {eager} kB"

@@ -1,9 +1,6 @@
 """fused_linear_logprobs: every backend vs the eager reference (log-probs, grad hidden, grad weight), temperature,
 ignore_index, chunking, opcheck, torch.compile, autocast, bad input, and the peak-memory promise (fresh process)."""
 
-import json
-import os
-import subprocess
 import sys
 
 import pytest
@@ -12,7 +9,7 @@ import torch.nn.functional as F
 
 import intro2llm.ops as ops
 from intro2llm.ops._dispatch import extension_error
-from intro2llm.testing import assert_close_to_exact, backends_for
+from intro2llm.testing import assert_close_to_exact, assert_fused_peak_fraction_of_eager, backends_for
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FAST = [b for b in backends_for(DEVICE) if b != "reference"]
@@ -195,37 +192,17 @@ def test_bad_input(backend):
 
 
 # ---- the memory promise ------------------------------------------------------------------------------------------
-_MEM_CHILD = r"""
-import json, sys, torch, intro2llm.ops as ops
-kind, N, H, V = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-def kb(field):
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith(field + ":"))
-torch.manual_seed(0)
-h = torch.randn(N, H).requires_grad_(); w = (torch.randn(V, H) * 0.02).requires_grad_(); t = torch.randint(0, V, (N,))
+_MEM_STEP = r"""
 def step(h, w, t):
     if kind == "eager":
         lp = torch.log_softmax(torch.nn.functional.linear(h, w).float(), -1).gather(-1, t[:, None]).squeeze(-1)
     else:
         lp = ops.fused_linear_logprobs(h, w, t, backend="cpp")
     (lp * torch.linspace(-1, 1, lp.numel())).sum().backward()
-step(h[:8].detach().requires_grad_(), w[:32].detach().requires_grad_(), t[:8] % 32)  # warm-up
-before = kb("VmRSS")
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-step(h, w, t)
-print(json.dumps({"peak_kb": kb("VmHWM") - before}))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak memory is read from /proc (Linux only)")
 @pytest.mark.skipif(extension_error() is not None, reason=f"cpp backend: {extension_error()}")
 def test_peak_memory_fraction_of_eager():
-    def peak(kind):
-        out = subprocess.run([sys.executable, "-c", _MEM_CHILD, kind, "1024", "64", "16000"], check=True,
-                             capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
-        return json.loads(out.stdout.strip().splitlines()[-1])["peak_kb"]
-
-    fused, eager = peak("fused"), peak("eager")
-    assert eager > 1024 * 16000 * 4 // 1024, f"eager peak {eager} kB is below one logits tensor: measurement broken"
-    assert fused <= 0.25 * eager, f"fused peak {fused} kB > 25% of eager {eager} kB"
+    assert_fused_peak_fraction_of_eager(_MEM_STEP, 1024, 64, 16000, fraction=0.25)
