@@ -180,9 +180,4 @@ def collate(rows: Sequence[Mapping[str, torch.Tensor]], pad_id: int) -> dict[str
 class DPOBatches(SFTBatches):
     """Endless, seeded, resumable DPO batches (``SFTBatches``' order and state, DPO's ``collate``)."""
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        G, W = self.global_batch_size, self.world_size
-        start = self.step * G + self.rank * (G // W)
-        rows = [self.dataset[self._row(k)] for k in range(start, start + G // W)]
-        self.step += 1
-        return collate(rows, self.pad_id)
+    collate_fn = staticmethod(collate)

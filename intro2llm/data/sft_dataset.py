@@ -210,6 +210,8 @@ class SFTBatches:
     ``random.Random(seed * 1_000_003 + e)``; global batch s holds rows s*G .. s*G+G-1 of that stream and rank r
     takes its G/W rows. The only state is the global batch index (``state_dict``)."""
 
+    collate_fn = staticmethod(collate)  # rows -> batch (``DPOBatches``: DPO's collate)
+
     def __init__(self, dataset: SFTDataset, global_batch_size: int, pad_id: int, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1) -> None:
         if global_batch_size % world_size:
@@ -232,7 +234,7 @@ class SFTBatches:
         start = self.step * G + self.rank * (G // W)
         rows = [self.dataset[self._row(k)] for k in range(start, start + G // W)]
         self.step += 1
-        return collate(rows, self.pad_id)
+        return self.collate_fn(rows, self.pad_id)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
