@@ -60,26 +60,32 @@ def fused_linear_cross_entropy_reference(
     return cross_entropy_reference(logits, targets, ignore_index, label_smoothing, 0.0, reduction)
 
 
-def _validate(hidden, weight, targets, bias, label_smoothing, reduction, chunk_size) -> None:
-    check_float("hidden", hidden, OP.name)
-    check_float("weight", weight, OP.name)
+def check_head_inputs(op, hidden, weight, targets, bias=None) -> None:
+    """Validate the inputs every fused LM-head op shares: hidden (..., H), weight (V, H), targets (...) int, an
+    optional bias (V,), all on one device; ``op`` (an ``_dispatch.Op``) names the op in the messages."""
+    check_float("hidden", hidden, op.name)
+    check_float("weight", weight, op.name)
     if bias is not None:
-        check_float("bias", bias, OP.name)
+        check_float("bias", bias, op.name)
     if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{OP}: targets must be an int64 (or int32) tensor, got "
+        raise TypeError(f"{op}: targets must be an int64 (or int32) tensor, got "
                         f"{getattr(targets, 'dtype', type(targets).__name__)}")
     if hidden.dim() < 1 or hidden.shape[-1] == 0:
-        raise ValueError(f"{OP}: hidden must have a non-empty last dimension, got shape {tuple(hidden.shape)}")
+        raise ValueError(f"{op}: hidden must have a non-empty last dimension, got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
-        raise ValueError(f"{OP}: weight must have shape (V, {hidden.shape[-1]}) with V > 0 to match hidden of shape "
+        raise ValueError(f"{op}: weight must have shape (V, {hidden.shape[-1]}) with V > 0 to match hidden of shape "
                          f"{tuple(hidden.shape)}, got {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"{OP}: bias must have shape ({weight.shape[0]},) to match weight {tuple(weight.shape)}, "
+        raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},) to match weight {tuple(weight.shape)}, "
                          f"got {tuple(bias.shape)}")
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"{OP}: targets shape {tuple(targets.shape)} must equal hidden shape without its last "
+        raise ValueError(f"{op}: targets shape {tuple(targets.shape)} must equal hidden shape without its last "
                          f"dimension {tuple(hidden.shape[:-1])} (hidden {tuple(hidden.shape)})")
-    check_same_device(OP.name, hidden=hidden, weight=weight, targets=targets, bias=bias)
+    check_same_device(op.name, hidden=hidden, weight=weight, targets=targets, bias=bias)
+
+
+def _validate(hidden, weight, targets, bias, label_smoothing, reduction, chunk_size) -> None:
+    check_head_inputs(OP, hidden, weight, targets, bias)
     if reduction not in REDUCTIONS:
         raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:

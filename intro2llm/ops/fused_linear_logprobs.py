@@ -24,9 +24,13 @@ from __future__ import annotations
 import torch
 
 from intro2llm.ops import _dispatch
-from intro2llm.ops._checks import check_float, check_same_device
 from intro2llm.ops.cross_entropy import check_targets, fwd_and_bwd, fwd_bwd_inplace
-from intro2llm.ops.fused_linear_cross_entropy import _accumulate, _chunk_logits, default_chunk_size
+from intro2llm.ops.fused_linear_cross_entropy import (
+    _accumulate,
+    _chunk_logits,
+    check_head_inputs,
+    default_chunk_size,
+)
 
 OP = _dispatch.Op(  # the fast paths are torch GEMMs around the cross_entropy kernels of the chosen backend
     "fused_linear_logprobs", backends=("reference", "triton", "cpp", "cuda"), compiled="cross_entropy_fwd"
@@ -53,20 +57,7 @@ def fused_linear_logprobs_reference(
 
 
 def _validate(hidden, weight, targets, temperature, chunk_size) -> None:
-    check_float("hidden", hidden, OP.name)
-    check_float("weight", weight, OP.name)
-    if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{OP}: targets must be an int64 (or int32) tensor, got "
-                        f"{getattr(targets, 'dtype', type(targets).__name__)}")
-    if hidden.dim() < 1 or hidden.shape[-1] == 0:
-        raise ValueError(f"{OP}: hidden must have a non-empty last dimension, got shape {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
-        raise ValueError(f"{OP}: weight must have shape (V, {hidden.shape[-1]}) with V > 0 to match hidden of shape "
-                         f"{tuple(hidden.shape)}, got {tuple(weight.shape)}")
-    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"{OP}: targets shape {tuple(targets.shape)} must equal hidden shape without its last "
-                         f"dimension {tuple(hidden.shape[:-1])} (hidden {tuple(hidden.shape)})")
-    check_same_device(OP.name, hidden=hidden, weight=weight, targets=targets)
+    check_head_inputs(OP, hidden, weight, targets)
     if not isinstance(temperature, (int, float)) or not temperature > 0 or temperature == float("inf"):
         raise ValueError(f"{OP}: temperature must be a finite number > 0, got {temperature!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
