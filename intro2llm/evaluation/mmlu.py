@@ -33,6 +33,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from intro2llm.course import lesson_task
+
 LETTERS = ("A", "B", "C", "D")
 SPLITS = ("dev", "val", "test")
 
@@ -55,6 +57,7 @@ def format_example(q: Question, include_answer: bool = True) -> str:
     return text + (f" {q.answer}\n\n" if include_answer else "")
 
 
+@lesson_task(9)
 def build_prompt(subject: str, shots: Sequence[Question], q: Question) -> str:
     """The original MMLU k-shot prompt (k = len(shots)) ending in ``Answer:``."""
     header = f"The following are multiple choice questions (with answers) about {format_subject(subject)}.\n\n"
@@ -130,6 +133,7 @@ def parse_answer(text: str) -> str | None:
     return m.group(1) if m else None
 
 
+@lesson_task(9)
 def evaluate_mmlu(data_dir: str | os.PathLike, scorer: Callable[[str], Sequence[float]] | None = None, *,
                   generate: Callable[[str], str] | None = None, k: int = 5, split: str = "test",
                   subjects: Sequence[str] | None = None, limit: int | None = None,

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from intro2llm.course import lesson_task
+
 
 def model_logits(model: Callable, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Logits ``(B, T, V)`` from a model that returns a tensor, a tuple or an object with ``.logits``."""
@@ -83,6 +85,7 @@ def sliding_windows(n: int, max_length: int, stride: int) -> list[tuple[int, int
 
 
 @torch.no_grad()
+@lesson_task(9)
 def evaluate_perplexity(model: Callable, ids: Sequence[int] | torch.Tensor, *, max_length: int = 1024,
                         stride: int | None = None, batch_size: int = 8, n_bytes: int | None = None,
                         device: str | torch.device | None = None) -> PerplexityResult:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from intro2llm.course import lesson_task
 from intro2llm.ops.cross_entropy import REDUCTIONS, cross_entropy
 
 
@@ -30,6 +31,7 @@ class CrossEntropyLoss(nn.Module):
         self.reduction = reduction
         self.z_loss = z_loss
 
+    @lesson_task(6)
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return cross_entropy(logits, targets, self.ignore_index, self.label_smoothing, self.z_loss, self.reduction)
 

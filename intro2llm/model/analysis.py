@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from intro2llm.course import lesson_task
 from intro2llm.model.config import ModelConfig
 
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2, "float64": 8,
@@ -78,6 +79,7 @@ def estimate_flops(config: ModelConfig, seq_len: int, causal: bool = False) -> d
     }
 
 
+@lesson_task(15)
 def kv_cache_bytes(config: ModelConfig, batch: int, seq_len: int, dtype: Any = "bfloat16") -> int:
     """Exact size of a static KV cache: 2 (k, v) · layers · batch · seq_len · kv_heads · head_dim · bytes."""
     return (2 * config.num_hidden_layers * batch * seq_len * config.num_key_value_heads * config.head_dim

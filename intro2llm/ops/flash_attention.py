@@ -34,6 +34,7 @@ from typing import Optional
 
 import torch
 
+from intro2llm.course import lesson_task
 from intro2llm.ops import _dispatch
 from intro2llm.ops._checks import check_float, check_same_device
 
@@ -81,11 +82,21 @@ def causal_mask(Tq: int, Tk: int | None = None, device: torch.device | str | Non
     return attention_mask(Tq, Tq if Tk is None else Tk, causal=True, device=device)
 
 
+@lesson_task(15)
 def sliding_window_mask(
     Tq: int, window: int, Tk: int | None = None, device: torch.device | str | None = None
 ) -> torch.Tensor:
-    """(Tq, Tk) bool keep-mask of causal attention limited to the last ``window`` keys (itself included)."""
-    return attention_mask(Tq, Tq if Tk is None else Tk, causal=True, window=window, device=device)
+    """(Tq, Tk) bool keep-mask of causal attention limited to the last ``window`` keys (itself included).
+
+    Query i sits at position p = i + Tk - Tq (bottom-right alignment: with a KV cache the queries are the last
+    Tq positions) and sees keys j with p - window < j <= p. Written out on its own (lesson 15's task);
+    ``attention_mask(..., causal=True, window=w)`` gives the same mask."""
+    Tk = Tq if Tk is None else Tk
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"sliding_window_mask: window must be an int >= 1, got {window!r}")
+    q_pos = torch.arange(Tq, device=device)[:, None] + (Tk - Tq)  # (Tq, 1)
+    k_pos = torch.arange(Tk, device=device)[None, :]  # (1, Tk)
+    return (k_pos <= q_pos) & (k_pos > q_pos - window)  # (Tq, Tk)
 
 
 def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -93,6 +104,7 @@ def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask.to(torch.bool)[:, None, None, :]
 
 
+@lesson_task(15)
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """(B, Hkv, T, D) → (B, Hkv·n_rep, T, D): query head h reads kv head h // n_rep (Hugging Face's repeat_kv).
     The references' copy; the fast paths map head indices instead."""

@@ -18,6 +18,8 @@ floating-point operations follow ``torch.optim.AdamW``, so their state dicts loa
   where the foreach path streams the optimizer state through memory ~8 times (tiny preset, 1 thread: see
   csrc/cpu/adamw.cpp for the figures). CPU float32 contiguous parameters, no ``amsgrad``, the C++ extension built;
   otherwise ``step`` raises ``ValueError`` naming what is missing (``fused_unavailable(params)`` asks first).
+  Sharded (DTensor) parameters under FSDP2: the update is elementwise and p, g, m, v share one placement, so the op
+  runs on each rank's local shards (``_local``) — no sharding strategy is needed.
   Equal to torch to ~1 ulp per step, not bit for bit (torch's sqrt is MKL's vector math, not always correctly
   rounded); ``build_optimizer("adamw", ...)`` turns it on where it applies.
 
@@ -32,6 +34,8 @@ from typing import Any
 
 import torch
 from torch.optim import Optimizer
+
+from intro2llm.course import lesson_task
 
 
 class AdamW(Optimizer):
@@ -134,6 +138,7 @@ class AdamW(Optimizer):
         return loss
 
 
+@lesson_task(7)
 def _adamw_loop(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
                 amsgrad, maximize) -> None:
     """The readable version: one parameter at a time (the lesson's formulas, in torch's operation order)."""
@@ -182,13 +187,19 @@ def _adamw_foreach(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, *, lr, 
     torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
 
 
+def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """This rank's shard of each DTensor (FSDP2 parameters, their gradients and optimizer state); plain tensors as
+    they are. ``to_local()`` is a view: updating it in place updates the DTensor."""
+    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+
+
 def fused_unavailable(params: Iterable[torch.Tensor], grads: Iterable[torch.Tensor] = ()) -> str | None:
-    """Why ``AdamW(fused=True)`` cannot update these parameters (and gradients), or None."""
+    """Why ``AdamW(fused=True)`` cannot update these parameters (and gradients), or None (DTensors: their shards)."""
     from intro2llm.ops import _dispatch
 
     if _dispatch.extension_error() is not None or not hasattr(torch.ops.intro2llm, "adamw_step_"):
         return f"the C++ extension is not available ({_dispatch.extension_error()})"
-    for t in (*params, *grads):
+    for t in _local([*params, *grads]):
         if t.device.type != "cpu" or t.dtype != torch.float32:
             return f"parameters and gradients must be float32 on CPU, got {t.dtype} on {t.device}"
         if not t.is_contiguous():
@@ -198,7 +209,8 @@ def fused_unavailable(params: Iterable[torch.Tensor], grads: Iterable[torch.Tens
 
 def _adamw_fused(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
                  amsgrad, maximize) -> None:
-    """The same update in one C++ pass per tensor (``intro2llm::adamw_step_``); amsgrad is never fused."""
+    """The same update in one C++ pass per tensor (``intro2llm::adamw_step_``); amsgrad is never fused. DTensors
+    (FSDP2) are updated through their local shards: the op has no sharding strategy and needs none."""
     step_sizes, bc2_sqrts = _advance_steps(steps, lr, beta1, beta2)
-    torch.ops.intro2llm.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, step_sizes, bc2_sqrts, lr, beta1, beta2, eps,
-                                    weight_decay, maximize)
+    torch.ops.intro2llm.adamw_step_(_local(params), _local(grads), _local(exp_avgs), _local(exp_avg_sqs), step_sizes,
+                                    bc2_sqrts, lr, beta1, beta2, eps, weight_decay, maximize)

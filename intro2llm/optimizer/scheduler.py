@@ -21,6 +21,8 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from intro2llm.course import lesson_task
+
 
 def _check(warmup_steps: int, total_steps: int, min_lr: float) -> None:
     if warmup_steps < 0 or total_steps < 1:
@@ -39,6 +41,7 @@ def _progress(step: int, start: int, end: int) -> float:
     return min(max((step - start) / max(1, end - start), 0.0), 1.0)
 
 
+@lesson_task(7)
 def warmup_cosine_lr(step: int, max_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
     """Linear warmup to ``max_lr``, then a half cosine down to ``min_lr`` at ``total_steps``."""
     w = _warmup(step, max_lr, warmup_steps)

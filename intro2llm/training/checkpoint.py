@@ -16,13 +16,20 @@ the new one into place, then removes the backup; a crash between the two renames
 a successful rename are checkpoints beyond ``keep_last`` deleted.
 
 Loading trusts nothing on disk: ``meta.json`` must be an object with ``format_version`` 1, an int ``step`` equal
-to the directory's (``step_<n>``), and ``files`` listing exactly the three files, each with an int ``bytes`` and a
-64-hex-digit ``sha256`` that the file matches (``optimizer.pt`` is always written; it holds ``None`` when the
+to the directory's (``step_<n>``), and ``files`` listing exactly the three files (sharded layout: ``trainer.pt``
+and every file under ``sharded/``), each with an int ``bytes`` and a 64-hex-digit ``sha256`` that the file matches (``optimizer.pt`` is always written; it holds ``None`` when the
 run had no optimizer state). Pickles are read with ``torch.load(weights_only=True)`` only (no arbitrary code
 from a checkpoint). Any violation raises ``CheckpointError`` naming the file and what is wrong;
 ``latest_intact_checkpoint`` returns the newest checkpoint that passes, with the reasons the newer ones failed.
 
-Not handled: sharded (per-rank) checkpoints — under FSDP the trainer gathers a full state dict on rank 0 first.
+Sharded layout (FSDP; ``meta.json`` has ``"layout": "sharded"``): ``trainer.pt`` plus ``sharded/``, a
+``torch.distributed.checkpoint`` (DCP) directory with ``{"model": ..., "optim": ...}`` — ``.metadata`` and one
+``__<rank>_0.distcp`` file per rank holding that rank's shards. The same atomic protocol: rank 0 creates the
+temporary directory (``begin_sharded_save``), every rank writes its shards into it, rank 0 then writes
+``trainer.pt`` and ``meta.json`` with the hash of every file and renames (``finish_sharded_save``). DCP reshards
+on load, so a sharded checkpoint resumes on any world size, and unsharded (one process, DDP) too; the trainer
+converts a full checkpoint into shards the other way. Multi-node: the checkpoint root must be a filesystem that
+every node sees (rank 0 hashes all shards before the rename).
 """
 
 from __future__ import annotations
@@ -40,11 +47,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from intro2llm.course import lesson_task
+
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 TRAINER_FILE = "trainer.pt"
 META_FILE = "meta.json"
+SHARDED_DIR = "sharded"  # the DCP directory of a sharded checkpoint
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -58,9 +68,10 @@ class Checkpoint:
 
     path: Path
     step: int
-    model_state: dict[str, torch.Tensor]
+    model_state: dict[str, torch.Tensor]  # empty for a sharded checkpoint (its states are in ``sharded``)
     optimizer_state: dict[str, Any] | None
     trainer_state: dict[str, Any]
+    sharded: Path | None = None  # the DCP directory of a sharded checkpoint (load with torch.distributed.checkpoint)
 
 
 # ---------------------------------------------------------------------------------------------- RNG states
@@ -187,6 +198,7 @@ def latest_intact_checkpoint(root: str | os.PathLike) -> tuple[Path | None, list
 
 
 # ---------------------------------------------------------------------------------------------- save
+@lesson_task(8)
 def save_checkpoint(
     root: str | os.PathLike,
     step: int,
@@ -202,59 +214,123 @@ def save_checkpoint(
     """
     from safetensors.torch import save_file
 
+    _check_save_args(step, keep_last)
+    root = Path(root)
+    final, tmp = root / step_dir_name(step), None
+    try:
+        tmp = _begin(root, step)
+        weights, aliases = _dedup_shared(model_state)
+        save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+        _after_file_hook(tmp / MODEL_FILE)
+        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)  # always written (None without an optimizer)
+        _after_file_hook(tmp / OPTIMIZER_FILE)
+        _commit(root, step, tmp, trainer_state, layout="full")
+    except BaseException as exc:
+        _fail_save(root, final, tmp, exc)
+    _prune(root, keep_last)
+    return final
+
+
+def begin_sharded_save(root: str | os.PathLike, step: int) -> Path:
+    """Rank 0, before a sharded save: create and return the temporary directory; every rank then writes its DCP
+    shards into ``tmp / SHARDED_DIR`` and rank 0 calls ``finish_sharded_save`` (or ``abort_save`` on failure)."""
+    _check_save_args(step, None)
+    root, tmp = Path(root), None
+    try:
+        tmp = _begin(root, step)
+        (tmp / SHARDED_DIR).mkdir()
+    except BaseException as exc:
+        _fail_save(root, root / step_dir_name(step), tmp, exc)
+    return tmp
+
+
+def finish_sharded_save(root: str | os.PathLike, step: int, tmp: str | os.PathLike, trainer_state: dict[str, Any],
+                        keep_last: int | None = 3) -> Path:
+    """Rank 0, after every rank wrote its shards into ``tmp``: ``trainer.pt``, ``meta.json``, rename, prune."""
+    _check_save_args(step, keep_last)
+    root, tmp = Path(root), Path(tmp)
+    final = root / step_dir_name(step)
+    try:
+        if not (tmp / SHARDED_DIR / ".metadata").is_file():
+            raise ValueError(f"{tmp / SHARDED_DIR} holds no DCP .metadata (the shards were not written)")
+        _commit(root, step, tmp, trainer_state, layout="sharded")
+    except BaseException as exc:
+        _fail_save(root, final, tmp, exc)
+    _prune(root, keep_last)
+    return final
+
+
+def abort_save(tmp: str | os.PathLike | None) -> None:
+    """Remove the temporary directory of a save that failed."""
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_save_args(step: int, keep_last: int | None) -> None:
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"save_checkpoint: keep_last must be >= 1 or None, got {keep_last}")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"save_checkpoint: step must be an int >= 0, got {step!r}")
-    root = Path(root)
+
+
+def _begin(root: Path, step: int) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     _restore_interrupted_resaves(root)
     for stale in root.glob(".tmp-*"):  # left by a process killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
+    tmp.mkdir()
+    return tmp
+
+
+def _commit(root: Path, step: int, tmp: Path, trainer_state: dict[str, Any], layout: str) -> None:
+    """Write trainer.pt and meta.json (hashes of every file in ``tmp``), fsync, rename ``tmp`` to ``step_<step>``."""
     final = root / step_dir_name(step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    try:
-        tmp.mkdir()
-        weights, aliases = _dedup_shared(model_state)
-        save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt", "aliases": json.dumps(aliases)})
-        _after_file_hook(tmp / MODEL_FILE)
-        files = [MODEL_FILE, OPTIMIZER_FILE]
-        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)  # always written (None without an optimizer)
-        _after_file_hook(tmp / OPTIMIZER_FILE)
-        torch.save({**trainer_state, "step": step}, tmp / TRAINER_FILE)
-        _after_file_hook(tmp / TRAINER_FILE)
-        files.append(TRAINER_FILE)
-        meta = {"format_version": FORMAT_VERSION, "step": step,
-                "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files}}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-        for f in [*files, META_FILE]:
-            _fsync_file(tmp / f)
-        _fsync_dir(tmp)
-        if final.exists():  # saving the same step again (e.g. after a resume): swap the old one out first
-            backup = root / f".old-{final.name}-{os.getpid()}"  # restored by the next listing if we die now
-            os.rename(final, backup)
-            _fsync_dir(root)
-            _resave_hook("backed-up")
-            os.rename(tmp, final)
-            _fsync_dir(root)
-            _resave_hook("swapped")
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+    torch.save({**trainer_state, "step": step}, tmp / TRAINER_FILE)
+    _after_file_hook(tmp / TRAINER_FILE)
+    if layout == "full":
+        files = list(_FILES)
+    else:
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    meta = {"format_version": FORMAT_VERSION, "step": step,
+            "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files}}
+    if layout != "full":
+        meta["layout"] = layout
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+    for f in [*files, META_FILE]:
+        _fsync_file(tmp / f)
+    for d in {(tmp / f).parent for f in files} | {tmp}:
+        _fsync_dir(d)
+    if final.exists():  # saving the same step again (e.g. after a resume): swap the old one out first
+        backup = root / f".old-{final.name}-{os.getpid()}"  # restored by the next listing if we die now
+        os.rename(final, backup)
         _fsync_dir(root)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError | RuntimeError | ValueError):
-            prev = latest_checkpoint(root)
-            raise CheckpointError(
-                f"saving checkpoint {final} failed ({exc}); "
-                + (f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists")
-            ) from exc
-        raise
+        _resave_hook("backed-up")
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        _resave_hook("swapped")
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(root)
+
+
+def _fail_save(root: Path, final: Path, tmp: Path | None, exc: BaseException) -> None:
+    abort_save(tmp)
+    if isinstance(exc, OSError | RuntimeError | ValueError):
+        prev = latest_checkpoint(root)
+        raise CheckpointError(
+            f"saving checkpoint {final} failed ({exc}); "
+            + (f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists")
+        ) from exc
+    raise exc
+
+
+def _prune(root: Path, keep_last: int | None) -> None:
+    """Only after a successful rename: delete checkpoints beyond the newest ``keep_last``."""
     if keep_last is not None:
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def _after_file_hook(path: Path) -> None:
@@ -300,9 +376,20 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     files = meta.get("files")
     if not isinstance(files, dict):
         raise bad(f"'files' must be an object, got {type(files).__name__}")
-    if set(files) != set(_FILES):
-        raise bad(f"'files' lists {sorted(files)}, expected exactly {sorted(_FILES)}")
-    for name in _FILES:
+    layout = meta.get("layout", "full")
+    if layout == "full":
+        expected = set(_FILES)
+    elif layout == "sharded":
+        # trainer.pt + every file of the DCP directory, exactly as found on disk (a missing or extra shard: corrupt)
+        on_disk = {p.relative_to(path).as_posix() for p in (path / SHARDED_DIR).rglob("*") if p.is_file()}
+        expected = {TRAINER_FILE} | on_disk
+        if f"{SHARDED_DIR}/.metadata" not in files:
+            raise bad(f"a sharded checkpoint must list {SHARDED_DIR}/.metadata")
+    else:
+        raise bad(f"'layout' is {layout!r}, expected 'full' or 'sharded'")
+    if set(files) != expected:
+        raise bad(f"'files' lists {sorted(files)}, expected exactly {sorted(expected)}"[:600])
+    for name in sorted(expected):
         info = files[name]
         if not isinstance(info, dict) or set(info) != {"bytes", "sha256"}:
             raise bad(f"entry for {name} must be {{'bytes': int, 'sha256': hex}}, got {info!r}"[:300])
@@ -328,12 +415,18 @@ def _torch_load(path: Path) -> Any:
         raise CheckpointError(f"checkpoint file {path} could not be read: {exc}") from exc
 
 
+@lesson_task(8)
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a checkpoint directory (verified first). Tensors are loaded on CPU."""
     from safetensors import safe_open
 
     path = Path(path)
     meta = verify_checkpoint(path)
+    if meta.get("layout") == "sharded":
+        trainer_state = _torch_load(path / TRAINER_FILE)
+        _check_trainer_state(path, trainer_state, meta)
+        return Checkpoint(path=path, step=int(meta["step"]), model_state={}, optimizer_state=None,
+                          trainer_state=trainer_state, sharded=path / SHARDED_DIR)
     model_file = path / MODEL_FILE
     try:
         with safe_open(str(model_file), framework="pt", device="cpu") as f:
@@ -348,9 +441,13 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"checkpoint file {path / OPTIMIZER_FILE} holds a {type(optimizer_state).__name__}, "
                               "expected an optimizer state dict or None")
     trainer_state = _torch_load(path / TRAINER_FILE)
+    _check_trainer_state(path, trainer_state, meta)
+    return Checkpoint(path=path, step=int(meta["step"]), model_state=model_state,
+                      optimizer_state=optimizer_state, trainer_state=trainer_state)
+
+
+def _check_trainer_state(path: Path, trainer_state: Any, meta: dict[str, Any]) -> None:
     if not isinstance(trainer_state, dict) or trainer_state.get("step") != meta["step"]:
         got = trainer_state.get("step") if isinstance(trainer_state, dict) else type(trainer_state).__name__
         raise CheckpointError(f"checkpoint file {path / TRAINER_FILE} does not match {META_FILE}: step {got!r}, "
                               f"expected {meta['step']}")
-    return Checkpoint(path=path, step=int(meta["step"]), model_state=model_state,
-                      optimizer_state=optimizer_state, trainer_state=trainer_state)

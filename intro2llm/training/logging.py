@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from intro2llm._io import atomic_write
+from intro2llm.course import lesson_task
 
 
 def _jsonable(v: Any) -> Any:
@@ -79,6 +80,7 @@ class MetricsLogger:
                 continue
         atomic_write(self.path, "".join(x + "\n" for x in keep))
 
+    @lesson_task(8)
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Append one record for optimizer step ``step``."""
         if not self.enabled:

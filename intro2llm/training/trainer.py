@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from intro2llm.course import lesson_task
 from intro2llm.model.lora import checkpoint_missing_keys, checkpoint_state_dict, is_lora_model, lora_config_dict
 from intro2llm.training import checkpoint as ckpt
 from intro2llm.training.distributed import (
@@ -42,8 +43,10 @@ from intro2llm.training.distributed import (
     all_reduce_sum,
     barrier,
     broadcast_object,
+    consolidate,
     gather_objects,
     init_distributed,
+    meta_skeleton,
     unwrap,
     wrap_model,
 )
@@ -77,7 +80,7 @@ class TrainerConfig:
     tensorboard: bool = True
     wandb: bool | None = None  # None: use wandb if installed (offline)
     device: str = "auto"
-    strategy: str = "ddp"  # ddp | fsdp (multi-process only)
+    strategy: str = "ddp"  # ddp | fsdp (multi-process only: one process with fsdp is a ValueError)
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in the run config
 
     def validate(self) -> None:
@@ -87,6 +90,8 @@ class TrainerConfig:
             raise ValueError(f"TrainerConfig: batch_size must be >= 1, got {self.batch_size}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainerConfig: precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"TrainerConfig: strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
         if self.max_bad_steps < 1:
             raise ValueError(f"TrainerConfig: max_bad_steps must be >= 1, got {self.max_bad_steps}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -141,6 +146,11 @@ class Trainer:
         self.config = config
         self.info = dist_info or init_distributed(config.device)
         world = self.info.world_size
+        if config.strategy == "fsdp" and world == 1:
+            raise ValueError(
+                "strategy 'fsdp' shards the model over several processes but this is a single process: launch with "
+                "torchrun --nproc_per_node N (N >= 2), or train unsharded with strategy 'ddp' (the default)"
+            )
         if config.batch_size % world != 0:
             raise ValueError(f"batch_size {config.batch_size} is not divisible by the world size {world}")
         self.local_batch = config.batch_size // world
@@ -155,10 +165,12 @@ class Trainer:
         self.device = self.info.device
         self.precision = resolve_precision(config.precision, self.device)
         model.to(self.device)
-        self.model = wrap_model(model, self.info, config.strategy)
-        self.raw_model = unwrap(self.model)
         self._fsdp = self.info.enabled and config.strategy == "fsdp"
         self._ddp = self.info.enabled and config.strategy == "ddp"
+        # FSDP: a parameter-less copy (meta device) taken before sharding, to rebuild the full model at the end
+        self._skeleton = meta_skeleton(model) if self._fsdp else None
+        self.model = wrap_model(model, self.info, config.strategy, bf16=self.precision == "bf16")
+        self.raw_model = unwrap(self.model)
         if optimizer is None:
             from intro2llm.optimizer import build_optimizer
 
@@ -200,7 +212,8 @@ class Trainer:
         return int(batch["input_ids"].numel())
 
     def on_train_end(self) -> None:
-        """Called on rank 0 (and every rank with FSDP) after the last step; subclasses export artefacts here."""
+        """Called on rank 0 after the last step (and the final checkpoint); subclasses export artefacts here from
+        ``self.raw_model`` — under FSDP that is by then the consolidated full model (see ``train``)."""
 
     # ------------------------------------------------------------------------------------------ one step
     def _autocast(self):  # noqa: ANN202
@@ -226,6 +239,7 @@ class Trainer:
             raise ValueError(f"training batch has {rows} rows, expected batch_size / world = {self.local_batch}")
         return batch
 
+    @lesson_task(8)
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Forward/backward over the micro-batches of ``batch`` (this rank's rows), clip, step. Returns metrics."""
         self.model.train()
@@ -293,18 +307,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _model_state(self) -> dict[str, torch.Tensor] | None:
-        if self._fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return checkpoint_state_dict(self.raw_model) if self.info.is_main else None  # LoRA: the adapters only
 
     def _optimizer_state(self) -> dict[str, Any] | None:
-        if self._fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-            return get_optimizer_state_dict(self.model, self.optimizer,
-                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return self.optimizer.state_dict() if self.info.is_main else None
 
     def checkpoint_root(self) -> Path:
@@ -312,25 +317,72 @@ class Trainer:
             raise ValueError("checkpoints need TrainerConfig.out_dir")
         return self.out_dir / "checkpoints"
 
+    def _trainer_state(self, rngs: list) -> dict[str, Any]:
+        return {
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.train_data.state_dict() if hasattr(self.train_data, "state_dict") else None,
+            "rng": rngs,
+            "tokens_seen": self.tokens_seen,
+            "world_size": self.info.world_size,
+            "strategy": "fsdp" if self._fsdp else "ddp",
+            "bad_streak": self.bad_streak,
+            "adapter": lora_config_dict(self.raw_model),  # LoRA: the base pointer and options
+        }
+
     def save_checkpoint(self) -> Path | None:
-        """Write a checkpoint of the current step (rank 0 writes; every rank must call this)."""
+        """Write a checkpoint of the current step (every rank must call this). DDP / one process: rank 0 writes
+        the full layout; FSDP: every rank writes its shards with torch.distributed.checkpoint (sharded layout)."""
+        if self._fsdp:
+            return self._save_sharded()
         model_state = self._model_state()
         optim_state = self._optimizer_state()
         rngs = gather_objects(ckpt.rng_state())
         error, path = None, None
         if self.info.is_main:
-            trainer_state = {
-                "scheduler": self.scheduler.state_dict(),
-                "data": self.train_data.state_dict() if hasattr(self.train_data, "state_dict") else None,
-                "rng": rngs,
-                "tokens_seen": self.tokens_seen,
-                "world_size": self.info.world_size,
-                "bad_streak": self.bad_streak,
-                "adapter": lora_config_dict(self.raw_model),  # LoRA: the base pointer and options
-            }
             try:
                 path = ckpt.save_checkpoint(self.checkpoint_root(), self.step, model_state, optim_state,
-                                            trainer_state, keep_last=self.config.keep_last)
+                                            self._trainer_state(rngs), keep_last=self.config.keep_last)
+            except ckpt.CheckpointError as exc:
+                error = str(exc)
+        error = broadcast_object(error)
+        if error is not None:
+            raise ckpt.CheckpointError(error)
+        barrier()
+        return path
+
+    def _sharded_state(self) -> dict[str, Any]:
+        """``{"model": ..., "optim": ...}`` keyed by parameter names (FSDP: DTensor shards; else full tensors), the
+        form torch.distributed.checkpoint saves and loads in place."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        module = self.model if self._fsdp else self.raw_model
+        return {"model": get_model_state_dict(module), "optim": get_optimizer_state_dict(module, self.optimizer)}
+
+    def _save_sharded(self) -> Path | None:
+        import torch.distributed.checkpoint as dcp
+
+        root = self.checkpoint_root()
+        tmp, error = None, None
+        if self.info.is_main:
+            try:
+                tmp = ckpt.begin_sharded_save(root, self.step)
+            except ckpt.CheckpointError as exc:
+                error = str(exc)
+        tmp, error = broadcast_object((tmp, error))
+        if error is not None:
+            raise ckpt.CheckpointError(error)
+        try:  # collective: DCP gathers every rank's plan and reports any rank's failure on all ranks
+            dcp.save(self._sharded_state(), checkpoint_id=Path(tmp) / ckpt.SHARDED_DIR)
+        except Exception as exc:  # noqa: BLE001 - any failure of the write: name it, keep older checkpoints
+            if self.info.is_main:
+                ckpt.abort_save(tmp)
+            raise ckpt.CheckpointError(f"saving sharded checkpoint step {self.step} into {tmp} failed: {exc}") from exc
+        rngs = gather_objects(ckpt.rng_state())
+        path = None
+        if self.info.is_main:
+            try:
+                path = ckpt.finish_sharded_save(root, self.step, tmp, self._trainer_state(rngs),
+                                                keep_last=self.config.keep_last)
             except ckpt.CheckpointError as exc:
                 error = str(exc)
         error = broadcast_object(error)

@@ -64,3 +64,61 @@ def test_flash_memory_is_linear_naive_is_quadratic():
     scores_kib = 4 * 2048 * 2048 * 4 // 1024  # one fp32 (H, T, T) score matrix: 64 MiB
     assert naive >= scores_kib  # the naive formula materializes at least one score matrix
     assert flash < scores_kib / 8, f"flash attention used {flash} KiB, naive {naive} KiB"
+
+
+# ------------------------------------------------------------------ the other optimizations: linear and sparse
+from intro2llm.model import efficient_attention as ea  # noqa: E402
+from intro2llm.ops.flash_attention import naive_attention  # noqa: E402
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_linear_attention_equals_its_quadratic_form(causal, kv_heads):
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 33, 8, dtype=torch.float64)
+    k, v = torch.randn(2, kv_heads, 33, 8, dtype=torch.float64), torch.randn(2, kv_heads, 33, 8, dtype=torch.float64)
+    fast = ea.linear_attention(q, k, v, causal=causal)
+    torch.testing.assert_close(fast, ea.linear_attention_quadratic(q, k, v, causal=causal))
+    # it is not softmax attention: the kernel exp(q·k) was replaced by φ(q)·φ(k)
+    assert not torch.allclose(fast, ops.flash_attention_reference(q, k, v, causal=causal), atol=1e-3)
+
+
+def test_causal_linear_attention_is_an_rnn():
+    # decoding token by token with a constant-size state gives the rows of the causal prefill
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 10, 4, dtype=torch.float64) for _ in range(3))
+    full = ea.linear_attention(q, k, v, causal=True)
+    state = None
+    for t in range(10):
+        out, state = ea.linear_attention_step(q[:, :, t], k[:, :, t], v[:, :, t], state)
+        torch.testing.assert_close(out, full[:, :, t])
+    assert state[0].shape == (1, 2, 4, 4)  # (D, Dv) per head, independent of the 10 tokens seen
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_sparse_attention_equals_masked_naive_attention(causal):
+    torch.manual_seed(0)
+    T, block = 45, 8  # 6 blocks, the last one partial
+    q = torch.randn(2, 4, T, 16, dtype=torch.float64)
+    k, v = torch.randn(2, 2, T, 16, dtype=torch.float64), torch.randn(2, 2, T, 16, dtype=torch.float64)
+    layout = ea.sparse_layout(6, local_blocks=2, random_blocks=1, global_blocks=1, causal=causal, seed=3)
+    got = ea.block_sparse_attention(q, k, v, layout, block, causal=causal)
+    want = naive_attention(q, k, v, ea.block_sparse_mask(layout, block, T, T, causal=causal))
+    torch.testing.assert_close(got, want)
+    if causal:
+        assert not layout.triu(1).any()  # never a tile above the diagonal
+    # dense layout = ordinary (causal) attention
+    dense = torch.ones(6, 6, dtype=torch.bool)
+    torch.testing.assert_close(ea.block_sparse_attention(q, k, v, dense, block, causal=causal),
+                               ops.flash_attention_reference(q, k, v, causal=causal))
+
+
+def test_sparse_layout_keeps_local_global_and_random_blocks():
+    layout = ea.sparse_layout(16, local_blocks=3, random_blocks=2, global_blocks=1, causal=True, seed=0)
+    for i in range(16):
+        row = set(layout[i].nonzero().flatten().tolist())
+        local = set(range(max(0, i - 2), i + 1))
+        assert local | {0} <= row  # the window and the global first block
+        assert len(row - local - {0}) == min(2, max(0, i + 1 - len(local | {0})))  # random picks among the rest
+    # the work: at most 3 + 1 + 2 tiles per row (linear in T), where causal attention computes 16·17/2 = 136
+    assert layout.sum() <= 16 * 6 < 136
