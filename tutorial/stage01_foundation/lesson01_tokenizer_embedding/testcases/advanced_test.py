@@ -23,6 +23,7 @@ def source_tok() -> ByteLevelBPETokenizer:
     max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 )
 @given(text=st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=300))
+@pytest.mark.task("BPETokenizer.train", "ByteLevelBPETokenizer._to_symbols", "BaseTokenizer.decode")
 def test_tokenizer_round_trip_on_any_unicode(source_tok, text):
     assert source_tok.decode(source_tok.encode(text, disallowed_special=())) == text
 
@@ -38,6 +39,7 @@ def test_tokenizer_same_ids_as_hf_tokenizers(source_tok, tmp_path):
     assert hf.encode(text).ids == source_tok.encode(text)
 
 
+@pytest.mark.task("BPETokenizer.train")
 def test_bpe_fast_trainer_equals_lesson_loop():
     texts = list(python_stdlib(30_000))
     slow = ByteLevelBPETokenizer().train(texts, 256 + 60, engine="reference")
@@ -45,6 +47,7 @@ def test_bpe_fast_trainer_equals_lesson_loop():
     assert fast.merges == slow.merges
 
 
+@pytest.mark.task("BaseTokenizer.encode_batch")
 def test_tokenizer_encode_batch(source_tok):
     out = source_tok.encode_batch(["import os", "x"], padding=True)
     a, b = out["input_ids"]
@@ -52,6 +55,7 @@ def test_tokenizer_encode_batch(source_tok):
     assert b[1:] == [source_tok.pad_token_id] * (len(a) - 1)
 
 
+@pytest.mark.task("BPETokenizer.train")
 def test_bpe_more_merges_compress_more():
     files = list(python_stdlib(300_000))
     texts, held = files[:-4], "".join(files[-4:])
@@ -77,6 +81,7 @@ def _rope_score(rot: RotaryEmbedding, q: torch.Tensor, k: torch.Tensor, m: int, 
     return (qm * kn).sum().item()
 
 
+@pytest.mark.task("RotaryEmbedding.rotate", "rope_inv_freq")
 def test_rope_scores_depend_only_on_relative_position():
     torch.manual_seed(0)
     rot = RotaryEmbedding(16, 256)
@@ -86,6 +91,7 @@ def test_rope_scores_depend_only_on_relative_position():
         assert max(scores) - min(scores) < 1e-4
 
 
+@pytest.mark.task("RotaryEmbedding.rotate", "rope_inv_freq")
 def test_rope_matches_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -107,6 +113,7 @@ def test_rope_matches_transformers():
     torch.testing.assert_close(ours[1], ref[1])
 
 
+@pytest.mark.task("rope_inv_freq")
 def test_rope_linear_scaling_is_position_interpolation():
     plain = RotaryEmbedding(16, 512)
     scaled = RotaryEmbedding(16, 512, scaling={"rope_type": "linear", "factor": 8.0})
@@ -116,6 +123,7 @@ def test_rope_linear_scaling_is_position_interpolation():
     torch.testing.assert_close(s1, s0, atol=1e-5, rtol=0)
 
 
+@pytest.mark.task("SinusoidalPositionalEncoding.forward")
 def test_embedding_model_without_rope_is_order_sensitive_only_through_positions():
     # With no position information at all, attention would not see token order; the sinusoidal table fixes it.
     torch.manual_seed(0)

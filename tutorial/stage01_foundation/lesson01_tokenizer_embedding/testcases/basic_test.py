@@ -9,6 +9,7 @@ from intro2llm.tokenizer import BPETokenizer, ByteLevelBPETokenizer, bytes_to_un
 from intro2llm.tokenizer._train import get_stats, merge_word
 
 
+@pytest.mark.task("BPETokenizer.train", "BPETokenizer.encode_ordinary", "BPETokenizer._bpe", "BaseTokenizer.decode")
 def test_bpe_known_answer_aaabdaaabac():
     # Wikipedia's byte-pair-encoding example: aa -> Z, ab -> Y, ZY -> X turns "aaabdaaabac" into "XdXac".
     tok = BPETokenizer().train("aaabdaaabac", vocab_size=4 + 3 + 1)  # a b c d + 3 merges + <unk>
@@ -48,6 +49,12 @@ def test_bpe_bytes_to_unicode_map():
     assert all(c.isprintable() and not c.isspace() for c in table.values())
 
 
+@pytest.mark.task(
+    "BPETokenizer.train",
+    "ByteLevelBPETokenizer._to_symbols",
+    "ByteLevelBPETokenizer._symbol_bytes",
+    "BaseTokenizer.decode",
+)
 def test_tokenizer_round_trip_and_unknown_free():
     text = "def f(x):\n    return x ** 2  # 平方 🙂\n"
     tok = ByteLevelBPETokenizer().train([text * 20], vocab_size=300)
@@ -55,6 +62,7 @@ def test_tokenizer_round_trip_and_unknown_free():
         assert tok.decode(tok.encode(s)) == s
 
 
+@pytest.mark.task("BaseTokenizer.decode", "ByteLevelBPETokenizer._symbol_bytes")
 def test_tokenizer_decode_never_raises():
     tok = ByteLevelBPETokenizer().train(["héllo wörld"], vocab_size=270)
     euro = "€".encode()
@@ -62,6 +70,7 @@ def test_tokenizer_decode_never_raises():
     assert tok.decode([euro[0], euro[1], euro[2]]) == "€"
 
 
+@pytest.mark.task("BPETokenizer.train")
 def test_tokenizer_special_tokens():
     eot = "<|endoftext|>"
     tok = ByteLevelBPETokenizer().train(["some text"], 300, special_tokens=[eot], eos_token=eot)
@@ -73,11 +82,54 @@ def test_tokenizer_special_tokens():
     assert tok.eos_token_id not in as_text and tok.decode(as_text) == text
 
 
+@pytest.mark.task("BaseTokenizer.save", "BaseTokenizer.load")
 def test_tokenizer_save_load(tmp_path):
     tok = ByteLevelBPETokenizer().train(["the cat sat on the mat"] * 3, 270)
     tok.save(tmp_path / "tok.json")
     back = ByteLevelBPETokenizer.load(tmp_path / "tok.json")
     assert back.merges == tok.merges and back.encode("the mat") == tok.encode("the mat")
+
+
+@pytest.mark.task("BPETokenizer._pretokenize")
+def test_bpe_pretokenize_splits_words_with_the_pattern():
+    # GPT-2's rule: a word keeps one leading space; a run of spaces leaves its last space to the next word.
+    text = "Hello world's    return 42!"
+    words = BPETokenizer("gpt2")._pretokenize(text)
+    assert words == ["Hello", " world", "'s", "   ", " return", " 42", "!"]
+    # cl100k: digits in groups of at most three
+    assert BPETokenizer("cl100k")._pretokenize("x = 1234567") == ["x", " =", " ", "123", "456", "7"]
+    for pattern in ("gpt2", "cl100k"):
+        assert "".join(BPETokenizer(pattern)._pretokenize("def f():\n\treturn 1  # 注释\n")) == \
+            "def f():\n\treturn 1  # 注释\n"  # nothing dropped
+    with pytest.raises(ValueError, match="pattern"):
+        BPETokenizer(r"[a-z]+")._pretokenize("abc 123")  # a pattern that skips characters is an error
+
+
+@pytest.mark.task("BaseTokenizer.vocab_size")
+def test_tokenizer_vocab_size_counts_ordinary_and_special_tokens():
+    tok = BPETokenizer().train("aaabdaaabac", vocab_size=8)
+    assert tok.vocab_size == 4 + 3 + 1  # a b c d, three merges, <unk>
+    assert tok.special_tokens["<unk>"] == tok.vocab_size - 1  # specials come after the ordinary tokens
+    byte = ByteLevelBPETokenizer().train(["abc abc abc"], 260, special_tokens=["<pad>"], pad_token="<pad>")
+    assert byte.vocab_size == 256 + len(byte.merges) + 1 == 260
+    assert max(byte.encode("abc abd", allowed_special="all")) < byte.vocab_size
+
+
+@pytest.mark.task("BaseTokenizer.encode_batch")
+def test_tokenizer_encode_batch_truncation_and_padding():
+    tok = ByteLevelBPETokenizer().train(["abc abc abc"], 260, special_tokens=["<pad>"], pad_token="<pad>")
+    long, short = tok.encode("abcdefgh"), tok.encode("ab")
+    assert len(long) > 3 > len(short)
+    pad = tok.pad_token_id
+    out = tok.encode_batch(["abcdefgh", "ab"], truncation=True, max_length=3, padding="max_length")
+    assert out["input_ids"] == [long[:3], short + [pad] * (3 - len(short))]  # truncation keeps the start
+    assert out["attention_mask"] == [[1, 1, 1], [1] * len(short) + [0] * (3 - len(short))]
+    left = tok.encode_batch(["abcdefgh", "ab"], truncation=True, max_length=3, padding=True, padding_side="left")
+    assert left["input_ids"][1] == [pad] * (3 - len(short)) + short
+    assert left["attention_mask"][1] == [0] * (3 - len(short)) + [1] * len(short)
+    assert tok.encode_batch(["abcdefgh"], truncation=False)["input_ids"] == [long]  # no truncation by default
+    with pytest.raises(ValueError, match="max_length"):
+        tok.encode_batch(["abcdefgh"], truncation=True)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -95,6 +147,7 @@ from intro2llm.model.embedding import (  # noqa: E402
 )
 
 
+@pytest.mark.task("TokenEmbedding.forward")
 def test_embedding_lookup_is_one_hot_matmul():
     torch.manual_seed(0)
     emb = TokenEmbedding(11, 6)
@@ -103,6 +156,7 @@ def test_embedding_lookup_is_one_hot_matmul():
     torch.testing.assert_close(emb(ids), one_hot @ emb.weight)
 
 
+@pytest.mark.task("TokenEmbedding.forward")
 def test_embedding_rejects_out_of_range_ids():
     emb = TokenEmbedding(11, 6)
     for bad in ([[11]], [[-1]]):
@@ -110,6 +164,7 @@ def test_embedding_rejects_out_of_range_ids():
             emb(torch.tensor(bad))
 
 
+@pytest.mark.task("sinusoidal_table", "SinusoidalPositionalEncoding.forward")
 def test_embedding_sinusoidal_by_hand():
     table = sinusoidal_table(4, 4)  # omega = [1, 1/100]
     assert table[2, 0].item() == pytest.approx(math.sin(2.0), abs=1e-6)
@@ -120,6 +175,7 @@ def test_embedding_sinusoidal_by_hand():
     torch.testing.assert_close(SinusoidalPositionalEncoding(4, 4)(x)[0], table)
 
 
+@pytest.mark.task("RotaryEmbedding.rotate", "rope_inv_freq")
 def test_rope_preserves_norms_and_position_zero_is_identity():
     torch.manual_seed(0)
     rot = RotaryEmbedding(8, 32)

@@ -1,13 +1,17 @@
-"""Lesson 02 advanced tests: GQA equals MHA with repeated K/V weights, causal leakage, sliding windows and
-padding masks against PyTorch SDPA, and decoding (Tq < Tk) against the full computation."""
+"""Lesson 02 advanced tests: RMSNorm = LayerNorm on zero-mean rows, scale invariance, RMSNorm gradients against
+autograd of the formula; GQA equals MHA with repeated K/V weights, causal leakage, sliding windows and padding
+masks against PyTorch SDPA."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from intro2llm.model import GroupedQueryAttention, ModelConfig, MultiHeadAttention, StaticKVCache
-from intro2llm.model.attention import causal_mask, sliding_window_mask
+from intro2llm.model import GroupedQueryAttention, LayerNorm, ModelConfig, MultiHeadAttention, RMSNorm
+from intro2llm.model.attention import sliding_window_mask
+
+ATTN_TASKS = ("GroupedQueryAttention.__init__", "GroupedQueryAttention.forward")
 
 
 def config(**kw) -> ModelConfig:
@@ -16,6 +20,43 @@ def config(**kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
+# ---- normalization
+@pytest.mark.task("RMSNorm.forward", "LayerNorm.__init__", "LayerNorm.forward")
+def test_rms_norm_equals_layer_norm_on_zero_mean_rows():
+    torch.manual_seed(0)
+    x = torch.randn(6, 32)
+    x = x - x.mean(-1, keepdim=True)
+    ln = LayerNorm(32, eps=1e-6, bias=False)
+    torch.testing.assert_close(RMSNorm(32, eps=1e-6)(x), ln(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.task("RMSNorm.forward", "LayerNorm.forward")
+def test_norms_are_scale_invariant():
+    torch.manual_seed(0)
+    x = torch.randn(4, 32)
+    for norm in (RMSNorm(32, eps=0.0), LayerNorm(32, eps=0.0)):
+        torch.testing.assert_close(norm(x * 37.0), norm(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.task("RMSNorm.__init__", "RMSNorm.forward")
+def test_rms_norm_gradients_match_the_formula():
+    torch.manual_seed(0)
+    x = torch.randn(5, 48, requires_grad=True)
+    norm = RMSNorm(48, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    g = torch.randn(5, 48)
+    dx, dw = torch.autograd.grad(norm(x), (x, norm.weight), g)
+    x2 = x.detach().clone().requires_grad_(True)
+    w2 = norm.weight.detach().clone().requires_grad_(True)
+    ref = x2 / torch.sqrt(x2.pow(2).mean(-1, keepdim=True) + 1e-6) * w2
+    rdx, rdw = torch.autograd.grad(ref, (x2, w2), g)
+    torch.testing.assert_close(dx, rdx, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(dw, rdw, atol=1e-5, rtol=1e-4)
+
+
+# ---- attention
+@pytest.mark.task("MultiHeadAttention.__init__", *ATTN_TASKS)
 def test_gqa_equals_mha_with_repeated_kv_weights():
     torch.manual_seed(0)
     gqa = GroupedQueryAttention(config(num_key_value_heads=2))
@@ -31,6 +72,7 @@ def test_gqa_equals_mha_with_repeated_kv_weights():
     torch.testing.assert_close(gqa(x), mha(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.task("GroupedQueryAttention.forward")
 def test_changing_future_tokens_never_changes_past_outputs():
     torch.manual_seed(0)
     attn = GroupedQueryAttention(config())
@@ -49,6 +91,7 @@ def _reference(attn, x, keep):
     return attn.o_proj(o.transpose(1, 2).reshape(B, T, 32))
 
 
+@pytest.mark.task("GroupedQueryAttention.forward")
 def test_sliding_window_against_sdpa():
     torch.manual_seed(0)
     attn = GroupedQueryAttention(config(sliding_window=3))
@@ -56,6 +99,7 @@ def test_sliding_window_against_sdpa():
     torch.testing.assert_close(attn(x), _reference(attn, x, sliding_window_mask(9, 3)), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.task("GroupedQueryAttention.forward")
 def test_padding_mask_real_tokens_ignore_pads():
     torch.manual_seed(0)
     attn = GroupedQueryAttention(config())
@@ -67,19 +111,3 @@ def test_padding_mask_real_tokens_ignore_pads():
     torch.testing.assert_close(out, attn(real), atol=1e-5, rtol=1e-5)
     # the first pad query sees no key at all: attention output 0, so o_proj (no bias) gives exactly 0
     assert torch.equal(attn(padded, key_padding_mask=pad)[0, 0], torch.zeros(32))
-
-
-def test_decoding_with_cache_equals_full_attention():
-    torch.manual_seed(0)
-    cfg = config()
-    attn = GroupedQueryAttention(cfg)
-    x = torch.randn(2, 8, 32)
-    full = attn(x)
-    cache = StaticKVCache.from_config(cfg, batch_size=2, max_seq_len=8)
-    outs = [attn(x[:, :5], kv_cache=cache)]
-    cache.advance(5)
-    for t in range(5, 8):  # one token at a time: Tq = 1, Tk = t + 1
-        outs.append(attn(x[:, t : t + 1], kv_cache=cache))
-        cache.advance(1)
-    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
-    assert causal_mask(1, 8).all()

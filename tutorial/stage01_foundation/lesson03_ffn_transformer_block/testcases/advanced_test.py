@@ -1,27 +1,21 @@
-"""Lesson 03 advanced tests: RMSNorm = LayerNorm on zero-mean rows, the 8/3 rule, scale invariance, gradients of
-the norms through the ops against autograd of the formula."""
+"""Lesson 03 advanced tests: the 8/3 rule (a gated FFN of width 8C/3 has the parameters of a 4C MLP); the
+exact identity path of Pre-LN (and its absence in Post-LN), dropout only in training."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from intro2llm.model import LayerNorm, ModelConfig, RMSNorm
+from intro2llm.model import ModelConfig, TransformerBlock
 from intro2llm.model.analysis import count_parameters
 
-
-def test_rms_norm_equals_layer_norm_on_zero_mean_rows():
-    torch.manual_seed(0)
-    x = torch.randn(6, 32)
-    x = x - x.mean(-1, keepdim=True)
-    ln = LayerNorm(32, eps=1e-6, bias=False)
-    torch.testing.assert_close(RMSNorm(32, eps=1e-6)(x), ln(x), atol=1e-5, rtol=1e-5)
+BLOCK_TASKS = ("TransformerBlock.__init__", "TransformerBlock.forward")
 
 
-def test_norms_are_scale_invariant():
-    torch.manual_seed(0)
-    x = torch.randn(4, 32)
-    for norm in (RMSNorm(32, eps=0.0), LayerNorm(32, eps=0.0)):
-        torch.testing.assert_close(norm(x * 37.0), norm(x), atol=1e-5, rtol=1e-5)
+def block_config(**kw) -> ModelConfig:
+    base = dict(vocab_size=50, hidden_size=32, intermediate_size=80, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64)
+    return ModelConfig(**{**base, **kw})
 
 
 def test_gated_ffn_with_eight_thirds_width_matches_a_4c_mlp_in_parameters():
@@ -32,17 +26,40 @@ def test_gated_ffn_with_eight_thirds_width_matches_a_4c_mlp_in_parameters():
     assert count_parameters(glu)["ffn"] == count_parameters(mlp)["ffn"]
 
 
-def test_rms_norm_gradients_match_the_formula():
-    torch.manual_seed(0)
-    x = torch.randn(5, 48, requires_grad=True)
-    norm = RMSNorm(48, eps=1e-6)
+def _zero_sublayer_outputs(blk: TransformerBlock) -> None:
     with torch.no_grad():
-        norm.weight.uniform_(0.5, 1.5)
-    g = torch.randn(5, 48)
-    dx, dw = torch.autograd.grad(norm(x), (x, norm.weight), g)
-    x2 = x.detach().clone().requires_grad_(True)
-    w2 = norm.weight.detach().clone().requires_grad_(True)
-    ref = x2 / torch.sqrt(x2.pow(2).mean(-1, keepdim=True) + 1e-6) * w2
-    rdx, rdw = torch.autograd.grad(ref, (x2, w2), g)
-    torch.testing.assert_close(dx, rdx, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(dw, rdw, atol=1e-5, rtol=1e-4)
+        blk.self_attn.o_proj.weight.zero_()
+        blk.mlp.down_proj.weight.zero_()
+
+
+@pytest.mark.task(*BLOCK_TASKS)
+def test_pre_ln_keeps_an_exact_identity_path_post_ln_does_not():
+    # With every sub-layer writing zeros, a Pre-LN stack is the identity (the gradient reaches the input
+    # unchanged: dy/dx = I), while a Post-LN stack still renormalizes the stream at every layer.
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 32, requires_grad=True) * 3
+    for position in ("pre", "post"):
+        blocks = [TransformerBlock(block_config(norm_position=position), i) for i in range(6)]
+        for b in blocks:
+            _zero_sublayer_outputs(b)
+        h = x
+        for b in blocks:
+            h = b(h)
+        (g,) = torch.autograd.grad(h.sum(), x)
+        if position == "pre":
+            torch.testing.assert_close(h, x)
+            torch.testing.assert_close(g, torch.ones_like(x))
+        else:
+            assert not torch.allclose(h, x, atol=1e-3)
+            torch.testing.assert_close(h.pow(2).mean(-1).sqrt(), torch.ones(2, 5), atol=1e-3, rtol=0)
+
+
+@pytest.mark.task(*BLOCK_TASKS)
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    blk = TransformerBlock(block_config(dropout=0.5))
+    x = torch.randn(1, 4, 32)
+    blk.train()
+    assert not torch.equal(blk(x), blk(x))
+    blk.eval()
+    assert torch.equal(blk(x), blk(x))
