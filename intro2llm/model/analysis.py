@@ -32,6 +32,7 @@ def _dtype_bytes(dtype: Any) -> int:
     return _DTYPE_BYTES[name]
 
 
+@lesson_task(5)
 def count_parameters(config: ModelConfig) -> dict[str, int]:
     """Parameters by component: embedding, attention, ffn, norms, lm_head (0 when tied), total."""
     C, L, V, F = config.hidden_size, config.num_hidden_layers, config.vocab_size, config.intermediate_size
@@ -57,6 +58,7 @@ def count_parameters(config: ModelConfig) -> dict[str, int]:
     return out
 
 
+@lesson_task(5)
 def estimate_flops(config: ModelConfig, seq_len: int, causal: bool = False) -> dict[str, float]:
     """Forward/training FLOPs for one sequence of ``seq_len`` tokens (and per token)."""
     if seq_len < 1:
@@ -86,6 +88,7 @@ def kv_cache_bytes(config: ModelConfig, batch: int, seq_len: int, dtype: Any = "
             * _dtype_bytes(dtype))
 
 
+@lesson_task(5)
 def estimate_memory(config: ModelConfig, batch: int, seq_len: int, dtype: Any = "bfloat16",
                     optimizer: str = "adamw") -> dict[str, int]:
     """Bytes of weights, grads, optimizer state, KV cache (inference) and activations (training)."""

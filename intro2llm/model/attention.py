@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from intro2llm import ops
+from intro2llm.course import lesson_task
 from intro2llm.model.config import ModelConfig
 from intro2llm.model.kv_cache import KVCache
 from intro2llm.ops.flash_attention import (  # noqa: F401  (the lesson's helpers; one home: intro2llm.ops)
@@ -37,6 +38,7 @@ from intro2llm.ops.flash_attention import (  # noqa: F401  (the lesson's helpers
 class GroupedQueryAttention(nn.Module):
     """Self-attention with ``num_attention_heads`` query heads and ``num_key_value_heads`` key/value heads."""
 
+    @lesson_task(2)
     def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.config = config
@@ -51,6 +53,7 @@ class GroupedQueryAttention(nn.Module):
         self.o_proj = nn.Linear(config.q_size, C, bias=config.attention_output_bias)
         self.dropout = nn.Dropout(config.dropout)
 
+    @lesson_task(2)
     def forward(
         self,
         x: torch.Tensor,  # (B, T, C)
@@ -78,5 +81,6 @@ class GroupedQueryAttention(nn.Module):
 class MultiHeadAttention(GroupedQueryAttention):
     """Classic multi-head attention: one key/value head per query head (``num_key_value_heads`` is ignored)."""
 
+    @lesson_task(2)
     def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__(config.replace(num_key_value_heads=config.num_attention_heads), layer_idx)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from intro2llm import ops
+from intro2llm.course import lesson_task
 from intro2llm.model import fast_decode
 from intro2llm.model.config import ModelConfig
 from intro2llm.model.embedding import (
@@ -52,6 +53,7 @@ class CausalLMOutput:
 # ---------------------------------------------------------------------------------------------------------------
 # Sampling
 # ---------------------------------------------------------------------------------------------------------------
+@lesson_task(4)
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """(B, V) logits with everything below the k-th largest per row set to -inf."""
     k = min(k, logits.shape[-1])
@@ -59,6 +61,7 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
+@lesson_task(4)
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filter: keep per row the smallest set of most likely tokens whose probability mass is ≥ p."""
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
@@ -76,6 +79,7 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalized, logits)
 
 
+@lesson_task(4)
 def sample_next_token(
     logits: torch.Tensor,  # (B, V)
     do_sample: bool = False,
@@ -128,6 +132,7 @@ def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
 class CausalLM(nn.Module):
     """Decoder-only Transformer language model built from a ``ModelConfig``."""
 
+    @lesson_task(4)
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         if not isinstance(config, ModelConfig):
@@ -172,6 +177,7 @@ class CausalLM(nn.Module):
         # left padding: a row's first real token is position 0; pads get 0 too (they are masked anyway)
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
 
+    @lesson_task(4)
     def forward(
         self,
         input_ids: torch.Tensor,  # (B, T) int
@@ -266,6 +272,7 @@ class CausalLM(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ generation
     @torch.no_grad()  # not inference_mode: the returned ids must be usable in a later training forward
+    @lesson_task(4)
     def generate(
         self,
         input_ids: torch.Tensor,
@@ -296,6 +303,7 @@ class CausalLM(nn.Module):
         return torch.cat([input_ids, torch.stack(steps, dim=1).to(input_ids.dtype)], dim=1)
 
     @torch.no_grad()  # not inference_mode: the returned ids must be usable in a later training forward
+    @lesson_task(4)
     def stream_generate(
         self,
         input_ids: torch.Tensor,
@@ -366,6 +374,7 @@ class CausalLM(nn.Module):
                 return
             logits = steps.send(nxt)  # the step function appends nxt and returns the following logits
 
+    @lesson_task(4)
     def _decode_cached(self, input_ids: torch.Tensor, mask: torch.Tensor | None,
                        max_new_tokens: int) -> Iterator[torch.Tensor]:
         """Prefill then one-token steps with a StaticKVCache; yields (B, V) next-token logits."""

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from intro2llm import ops
+from intro2llm.course import lesson_task
 
 
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
@@ -50,6 +51,7 @@ class TokenEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, device=device, dtype=dtype))
         nn.init.normal_(self.weight, std=0.02)
 
+    @lesson_task(1)
     def forward(self, input_ids: torch.Tensor, check: bool = True) -> torch.Tensor:  # (B, T) → (B, T, C)
         if check:
             check_token_ids(input_ids, self.vocab_size)
@@ -59,6 +61,7 @@ class TokenEmbedding(nn.Module):
         return f"{self.weight.shape[0]}, {self.weight.shape[1]}"
 
 
+@lesson_task(1)
 def sinusoidal_table(num_positions: int, dim: int, base: float = 10000.0) -> torch.Tensor:
     """(P, C) fp32 table: even channels sin(p·ω_i), odd channels cos(p·ω_i), ω_i = base^(-2i/C)."""
     if dim % 2 != 0:
@@ -79,6 +82,7 @@ class SinusoidalPositionalEncoding(nn.Module):
         self.max_position_embeddings = max_position_embeddings
         self.register_buffer("table", sinusoidal_table(max_position_embeddings, hidden_size, base), persistent=False)
 
+    @lesson_task(1)
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         if position_ids is None:
             position_ids = torch.arange(x.shape[1], device=x.device)
@@ -98,6 +102,7 @@ def check_positions(position_ids: torch.Tensor, max_positions: int) -> None:
         )
 
 
+@lesson_task(1)
 def rope_inv_freq(head_dim: int, base: float, scaling: dict[str, Any] | None = None) -> torch.Tensor:
     """(D/2,) fp32 inverse frequencies θ_i = base^(-2i/D), adjusted by ``scaling`` (linear | llama3)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -166,6 +171,7 @@ class RotaryEmbedding(nn.Module):
         return cos[position_ids], sin[position_ids]  # (T, D) or (B, T, D)
 
     @staticmethod
+    @lesson_task(1)
     def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q (B, H, T, D) and k (B, Hkv, T, D) by the angles in cos/sin (T, D) | (B, T, D)."""

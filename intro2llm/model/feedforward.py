@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from intro2llm import ops
+from intro2llm.course import lesson_task
 from intro2llm.model.config import ModelConfig
 
 
@@ -33,6 +34,7 @@ class BasicFFN(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.dropout = nn.Dropout(config.dropout)
 
+    @lesson_task(3)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up_proj(x)  # (B, T, F)
         h = torch.relu(h) if self.activation == "relu" else nn.functional.gelu(h)
@@ -51,6 +53,7 @@ class _GatedFFN(nn.Module):
     def _gate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @lesson_task(3)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self._gate(self.gate_proj(x), self.up_proj(x))  # (B, T, F)
         return self.dropout(self.down_proj(h))  # (B, T, C)
@@ -59,6 +62,7 @@ class _GatedFFN(nn.Module):
 class SwiGLU(_GatedFFN):
     """Llama's FFN: down(silu(gate(x)) * up(x)), (B, T, C) → (B, T, C)."""
 
+    @lesson_task(3)
     def _gate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return ops.swiglu(gate, up)
 
@@ -70,6 +74,7 @@ class FeedForward(_GatedFFN):
         super().__init__(config)
         self.approximate = approximate
 
+    @lesson_task(3)
     def _gate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return ops.geglu(gate, up, approximate=self.approximate)
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from intro2llm.course import lesson_task
+
 
 class KVCache:
     """Common interface: ``update(layer, k, v) → (k_all, v_all)``, ``advance(n)``, ``seq_len``."""
@@ -60,6 +62,7 @@ class StaticKVCache(KVCache):
         return cls(config.num_hidden_layers, batch_size, max_seq_len, config.num_key_value_heads, config.head_dim,
                    dtype, device)
 
+    @lesson_task(4)
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v (B, Hkv, T, D) at [seq_len, seq_len + T); return the filled prefix (B, Hkv, seq_len + T, D)."""
         start, T = self.seq_len, k.shape[2]
@@ -86,6 +89,7 @@ class DynamicKVCache(KVCache):
         self.values: list[torch.Tensor | None] = []
         self.seq_len = 0
 
+    @lesson_task(4)
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         while len(self.keys) <= layer_idx:
             self.keys.append(None)

@@ -12,16 +12,19 @@ import torch
 from torch import nn
 
 from intro2llm import ops
+from intro2llm.course import lesson_task
 
 
 class RMSNorm(nn.Module):
     """RMSNorm over the last dimension; ``weight`` starts at ones."""
 
+    @lesson_task(2)
     def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
 
+    @lesson_task(2)
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., hidden) → (..., hidden)
         return ops.rms_norm(x, self.weight, self.eps)
 
@@ -32,12 +35,14 @@ class RMSNorm(nn.Module):
 class LayerNorm(nn.Module):
     """LayerNorm over the last dimension with optional bias; equals ``torch.nn.LayerNorm``."""
 
+    @lesson_task(2)
     def __init__(self, hidden_size: int, eps: float = 1e-5, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(hidden_size, device=device, dtype=dtype)) if bias else None
 
+    @lesson_task(2)
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., hidden) → (..., hidden)
         return ops.layer_norm(x, self.weight, self.bias, self.eps)
 

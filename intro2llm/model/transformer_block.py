@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from intro2llm.course import lesson_task
 from intro2llm.model.attention import GroupedQueryAttention
 from intro2llm.model.config import ModelConfig
 from intro2llm.model.feedforward import build_ffn
@@ -31,6 +32,7 @@ def build_norm(config: ModelConfig) -> nn.Module:
 class TransformerBlock(nn.Module):
     """(B, T, C) → (B, T, C): attention sub-layer then FFN sub-layer, Pre-LN or Post-LN."""
 
+    @lesson_task(3)
     def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.pre_norm = config.norm_position == "pre"
@@ -39,6 +41,7 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = build_norm(config)
         self.mlp = build_ffn(config)
 
+    @lesson_task(3)
     def forward(
         self,
         x: torch.Tensor,  # (B, T, C)

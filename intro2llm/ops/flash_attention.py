@@ -77,6 +77,7 @@ def attention_mask(
     return keep
 
 
+@lesson_task(2)
 def causal_mask(Tq: int, Tk: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
     """(Tq, Tk) bool keep-mask: query i (at position i + Tk - Tq) sees keys j ≤ its position."""
     return attention_mask(Tq, Tq if Tk is None else Tk, causal=True, device=device)
@@ -114,6 +115,7 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(B, Hkv, n_rep, T, D).reshape(B, Hkv * n_rep, T, D)
 
 
+@lesson_task(2)
 def naive_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None = None, scale: float | None = None
 ) -> torch.Tensor:
