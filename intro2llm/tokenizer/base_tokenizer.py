@@ -28,6 +28,7 @@ from typing import Any, Literal
 import regex
 
 from intro2llm._io import atomic_write
+from intro2llm.course import lesson_task
 
 FORMAT_NAME = "intro2llm.tokenizer"
 FORMAT_VERSION = 1
@@ -59,6 +60,7 @@ class BaseTokenizer:
 
     # ---- vocabulary and special tokens -----------------------------------------------------------------------
     @property
+    @lesson_task(1)
     def vocab_size(self) -> int:
         """Number of ids (ordinary tokens + special tokens)."""
         return len(self._id_to_bytes)
@@ -160,6 +162,7 @@ class BaseTokenizer:
         ids.extend(self.encode_ordinary(text[start:]))
         return ids
 
+    @lesson_task(1)
     def encode_batch(
         self,
         texts: Sequence[str],
@@ -227,6 +230,7 @@ class BaseTokenizer:
                     raise ValueError(f"token id {i!r} is not an int in the vocabulary [0, {len(table)})") from None
             raise
 
+    @lesson_task(1)
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
         """Text of ``ids``; invalid UTF-8 (e.g. ids that split a character) becomes U+FFFD, never an error."""
         if skip_special_tokens and self.special_tokens:
@@ -243,6 +247,7 @@ class BaseTokenizer:
         return self.decode_bytes([token_id])
 
     # ---- save / load ------------------------------------------------------------------------------------------
+    @lesson_task(1)
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer as versioned JSON, atomically (temp file in the same directory + ``os.replace``)."""
         path = os.fspath(path)
@@ -257,6 +262,7 @@ class BaseTokenizer:
         atomic_write(path, json.dumps(state, ensure_ascii=False, indent=1) + "\n")
 
     @classmethod
+    @lesson_task(1)
     def load(cls, path: str | os.PathLike) -> BaseTokenizer:
         """Read a file written by ``save``; the class is taken from the file (it must be ``cls`` or a subclass)."""
         path = os.fspath(path)

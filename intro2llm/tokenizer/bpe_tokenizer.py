@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import regex
 
+from intro2llm.course import lesson_task
 from intro2llm.tokenizer import _train
 from intro2llm.tokenizer.base_tokenizer import BaseTokenizer
 
@@ -121,6 +122,7 @@ class BPETokenizer(BaseTokenizer):
         return ["<unk>"], {"unk": "<unk>"}
 
     # ---- pre-tokenization and encoding ------------------------------------------------------------------------
+    @lesson_task(1)
     def _pretokenize(self, text: str) -> list[str]:
         """Split text into words with the regex; BPE never merges across two words. A pattern that leaves some
         character unmatched would drop it silently: that raises ``ValueError`` naming it."""
@@ -129,6 +131,7 @@ class BPETokenizer(BaseTokenizer):
             raise uncovered_error(self.pattern, text, self._regex)
         return words
 
+    @lesson_task(1)
     def _bpe(self, parts: list[str]) -> list[str]:
         """Merge adjacent symbols by rank until no adjacent pair forms a token (tiktoken's rule)."""
         ranks = self._ranks
@@ -185,6 +188,7 @@ class BPETokenizer(BaseTokenizer):
         ranks = self._ranks
         return [ranks[p] if p in ranks else unk for p in self._bpe(list(symbols))]
 
+    @lesson_task(1)
     def encode_ordinary(self, text: str) -> list[int]:
         """Token ids of ``text`` with special-token text treated as ordinary text."""
         if not isinstance(text, str):
@@ -260,6 +264,7 @@ class BPETokenizer(BaseTokenizer):
         return len(self._tokens)
 
     # ---- training -----------------------------------------------------------------------------------------------
+    @lesson_task(1)
     def train(
         self,
         texts: str | Iterable[str],

@@ -31,6 +31,7 @@ from typing import Any
 import regex
 
 from intro2llm._io import atomic_write
+from intro2llm.course import lesson_task
 from intro2llm.tokenizer import _train
 from intro2llm.tokenizer.bpe_tokenizer import CL100K_PATTERN, GPT2_PATTERN, BPETokenizer
 
@@ -125,9 +126,11 @@ class ByteLevelBPETokenizer(BPETokenizer):
         return handle
 
     # ---- the byte <-> symbol conversion -------------------------------------------------------------------------
+    @lesson_task(1)
     def _to_symbols(self, word: str) -> str:
         return word.encode("utf-8").decode("latin-1").translate(_TO_SYMBOLS)
 
+    @lesson_task(1)
     def _symbol_bytes(self, symbols: str) -> bytes:
         return symbols.translate(_TO_LATIN1).encode("latin-1")
 
