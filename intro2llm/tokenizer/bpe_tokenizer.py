@@ -18,12 +18,15 @@ has no unknowns at all).
 from __future__ import annotations
 
 import heapq
+import json
+import os
 from collections.abc import Collection, Iterable, Iterator
 from itertools import chain
 from typing import Any, Literal
 
 import regex
 
+from intro2llm._io import atomic_write
 from intro2llm.course import lesson_task
 from intro2llm.tokenizer import _train
 from intro2llm.tokenizer.base_tokenizer import BaseTokenizer
@@ -398,3 +401,154 @@ class BPETokenizer(BaseTokenizer):
     def _check_alphabet(self, alphabet: list[str], where: str) -> None:
         if not alphabet:
             raise ValueError(f"{where}the alphabet is empty")
+
+    # ---- Hugging Face tokenizer.json --------------------------------------------------------------------------
+    def _hf_merges(self) -> list[list[str]]:
+        """Every split of every merged token into two tokens, in rank order of the token.
+
+        tiktoken (and our encoder) merges any adjacent pair whose concatenation is a token, ranked by that token;
+        ``tokenizers`` merges only listed pairs, ranked by list position. Listing all splits, token by token,
+        makes the two rules agree.
+        """
+        ranks = self._ranks
+        merges = []
+        for token in self._tokens[len(self.alphabet):]:
+            for k in range(1, len(token)):
+                if token[:k] in ranks and token[k:] in ranks:
+                    merges.append([token[:k], token[k:]])
+        return merges
+
+    def _hf_pre_tokenizer(self) -> dict[str, Any]:
+        """The pre-tokenizer: our regex, each match one word (``Isolated``), as ``_pretokenize``."""
+        return {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False}
+
+    def _hf_decoder(self) -> dict[str, Any]:
+        """Tokens are text: decoding concatenates them (without a decoder ``tokenizers`` joins with spaces)."""
+        return {"type": "Fuse"}
+
+    def to_hf_json(self) -> dict[str, Any]:
+        """The ``tokenizer.json`` content (Hugging Face ``tokenizers`` format) giving exactly our ids."""
+        vocab = {t: i for i, t in enumerate(self._tokens)}
+        vocab.update(self.special_tokens)
+        unk = self.roles.get("unk")
+        return {
+            "version": "1.0",
+            "truncation": None,
+            "padding": None,
+            "added_tokens": [
+                {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                 "normalized": False, "special": True}
+                for t, i in self.special_tokens.items()
+            ],
+            "normalizer": None,
+            "pre_tokenizer": self._hf_pre_tokenizer(),
+            "post_processor": None,
+            "decoder": self._hf_decoder(),
+            "model": {
+                "type": "BPE",
+                "dropout": None,
+                "unk_token": unk,  # an unseen character -> one <unk> each (fuse_unk off), as _encode_word
+                "continuing_subword_prefix": None,
+                "end_of_word_suffix": None,
+                "fuse_unk": False,
+                "byte_fallback": False,
+                "ignore_merges": True,  # a pre-token that is a token is taken whole, as tiktoken does
+                "vocab": vocab,
+                "merges": self._hf_merges(),
+            },
+        }
+
+    def export_hf(self, path: str | os.PathLike) -> str:
+        """Write a Hugging Face ``tokenizer.json`` (``path`` is the file, or a directory to put it in); returns it."""
+        path = os.fspath(path)
+        if not path.endswith(".json"):
+            os.makedirs(path, exist_ok=True)
+            path = os.path.join(path, "tokenizer.json")
+        atomic_write(path, json.dumps(self.to_hf_json(), ensure_ascii=False, indent=1) + "\n")
+        return path
+
+    @classmethod
+    def _hf_num_base(cls, tokens: list[str]) -> int:
+        """How many leading tokens of an HF vocabulary are the alphabet (single characters here)."""
+        n = 0
+        while n < len(tokens) and len(tokens[n]) == 1:
+            n += 1
+        return n
+
+    @classmethod
+    def from_hf(cls, path: str | os.PathLike) -> BPETokenizer:
+        """Read a BPE ``tokenizer.json`` written by ``export_hf`` (a file, or a directory holding one); with a
+        ``ByteLevel`` pre-tokenizer step ``BPETokenizer.from_hf`` returns a ``ByteLevelBPETokenizer``."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"Hugging Face tokenizer file {path!r} does not exist") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path!r} is not a tokenizer.json: not valid UTF-8 JSON ({exc})") from None
+        where = f"{path!r}: "
+        model = data.get("model") if isinstance(data, dict) else None
+        if not isinstance(model, dict) or model.get("type") != "BPE":
+            raise ValueError(f"{where}not a BPE tokenizer.json (model.type is not 'BPE')")
+        vocab, merges = model.get("vocab"), model.get("merges")
+        if not isinstance(vocab, dict) or not isinstance(merges, list):
+            raise ValueError(f"{where}model.vocab must be an object and model.merges a list")
+        pattern, byte_level = _hf_pattern(data.get("pre_tokenizer"), where)
+        if cls is BPETokenizer and byte_level:
+            from intro2llm.tokenizer.byte_level_tokenizer import ByteLevelBPETokenizer
+
+            cls = ByteLevelBPETokenizer
+        specials = {}
+        for added in data.get("added_tokens") or []:
+            if isinstance(added, dict) and added.get("special"):
+                specials[added["content"]] = added["id"]
+        ordinary = {t: i for t, i in vocab.items() if t not in specials}
+        tokens = sorted(ordinary, key=ordinary.get)
+        if [ordinary[t] for t in tokens] != list(range(len(tokens))):
+            raise ValueError(f"{where}ordinary token ids must be 0..{len(tokens) - 1} with special tokens after them")
+        for k, m in enumerate(merges):
+            pair = m.split(" ") if isinstance(m, str) else m
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+                raise ValueError(f"{where}merge #{k} {m!r} is not a pair of tokens")
+        # Our encoder needs only the ranks (ids); rebuild a merge list from them: each token = the first split
+        # into two tokens of lower rank (the file's own merges may list splits into later tokens, as ours do).
+        ranks = {t: i for i, t in enumerate(tokens)}
+        n_base = cls._hf_num_base(tokens)
+        pairs = []
+        for i, token in enumerate(tokens[n_base:], start=n_base):
+            split = next(
+                (k for k in range(1, len(token)) if ranks.get(token[:k], i) < i and ranks.get(token[k:], i) < i), None
+            )
+            if split is None:
+                raise ValueError(f"{where}token {token!r} (id {i}) is not the concatenation of two lower-id tokens")
+            pairs.append((token[:split], token[split:]))
+        tok = cls(pattern)
+        alphabet = tokens[:n_base]
+        tok._check_alphabet(alphabet, where)
+        tok._set_vocab(alphabet, pairs, where)
+        if tok._tokens != tokens:
+            raise ValueError(f"{where}the vocabulary has repeated tokens")
+        order = sorted(specials, key=specials.get)
+        if [specials[t] for t in order] != list(range(len(tokens), len(tokens) + len(order))):
+            raise ValueError(f"{where}special-token ids must follow the ordinary vocabulary consecutively")
+        unk = model.get("unk_token")
+        tok._add_special_tokens(order, {"unk": unk} if unk in specials else None)
+        return tok
+
+
+def _hf_pattern(pre: Any, where: str) -> tuple[str, bool]:
+    """(the pre-tokenization regex, whether a ByteLevel step follows) of a tokenizer.json: a Split's regex, or
+    GPT-2's for ByteLevel(use_regex)."""
+    steps = pre.get("pretokenizers", []) if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
+    byte_level = any(isinstance(s, dict) and s.get("type") == "ByteLevel" for s in steps)
+    for step in steps:
+        if isinstance(step, dict) and step.get("type") == "Split":
+            regex_pattern = (step.get("pattern") or {}).get("Regex")
+            if isinstance(regex_pattern, str):
+                return regex_pattern, byte_level
+        if isinstance(step, dict) and step.get("type") == "ByteLevel" and step.get("use_regex", True):
+            return GPT2_PATTERN, True
+    raise ValueError(f"{where}no pre-tokenizer with a regex found (need Split(Regex) or ByteLevel(use_regex))")

@@ -22,15 +22,12 @@ ordinary vocabulary or whose ordinary ids are not ranks (``from_hf`` rejects the
 from __future__ import annotations
 
 import functools
-import json
-import os
 import weakref
 from collections.abc import Iterable
 from typing import Any
 
 import regex
 
-from intro2llm._io import atomic_write
 from intro2llm.course import lesson_task
 from intro2llm.tokenizer import _train
 from intro2llm.tokenizer.bpe_tokenizer import CL100K_PATTERN, GPT2_PATTERN, BPETokenizer
@@ -202,139 +199,19 @@ class ByteLevelBPETokenizer(BPETokenizer):
             explicit_n_vocab=self.vocab_size,
         )
 
-    def _hf_merges(self) -> list[list[str]]:
-        """Every split of every token into two tokens, in rank order of the token.
-
-        tiktoken (and our encoder) merges any adjacent pair whose concatenation is a token, ranked by that token;
-        ``tokenizers`` merges only listed pairs, ranked by list position. Listing all splits, token by token,
-        makes the two rules agree.
-        """
-        ranks = self._ranks
-        merges = []
-        for token in self._tokens[256:]:
-            for k in range(1, len(token)):
-                if token[:k] in ranks and token[k:] in ranks:
-                    merges.append([token[:k], token[k:]])
-        return merges
-
-    def to_hf_json(self) -> dict[str, Any]:
-        """The ``tokenizer.json`` content (Hugging Face ``tokenizers`` format) for this tokenizer."""
-        vocab = {t: i for i, t in enumerate(self._tokens)}
-        vocab.update(self.special_tokens)
+    # Hugging Face export: BPETokenizer.to_hf_json with these two steps (the ByteLevel byte <-> symbol map).
+    def _hf_pre_tokenizer(self) -> dict[str, Any]:
         return {
-            "version": "1.0",
-            "truncation": None,
-            "padding": None,
-            "added_tokens": [
-                {
-                    "id": i,
-                    "content": t,
-                    "single_word": False,
-                    "lstrip": False,
-                    "rstrip": False,
-                    "normalized": False,
-                    "special": True,
-                }
-                for t, i in self.special_tokens.items()
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
             ],
-            "normalizer": None,
-            "pre_tokenizer": {
-                "type": "Sequence",
-                "pretokenizers": [
-                    {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False},
-                    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
-                ],
-            },
-            "post_processor": None,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-            "model": {
-                "type": "BPE",
-                "dropout": None,
-                "unk_token": None,
-                "continuing_subword_prefix": None,
-                "end_of_word_suffix": None,
-                "fuse_unk": False,
-                "byte_fallback": False,
-                "ignore_merges": True,  # a pre-token that is a token is taken whole, as tiktoken does
-                "vocab": vocab,
-                "merges": self._hf_merges(),
-            },
         }
 
-    def export_hf(self, path: str | os.PathLike) -> str:
-        """Write a Hugging Face ``tokenizer.json`` (``path`` is the file, or a directory to put it in); returns it."""
-        path = os.fspath(path)
-        if not path.endswith(".json"):
-            os.makedirs(path, exist_ok=True)
-            path = os.path.join(path, "tokenizer.json")
-        atomic_write(path, json.dumps(self.to_hf_json(), ensure_ascii=False, indent=1) + "\n")
-        return path
+    def _hf_decoder(self) -> dict[str, Any]:
+        return {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
 
     @classmethod
-    def from_hf(cls, path: str | os.PathLike) -> ByteLevelBPETokenizer:
-        """Read a byte-level BPE ``tokenizer.json`` (a file, or a directory holding one)."""
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "tokenizer.json")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"Hugging Face tokenizer file {path!r} does not exist") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path!r} is not a tokenizer.json: not valid UTF-8 JSON ({exc})") from None
-        where = f"{path!r}: "
-        model = data.get("model") if isinstance(data, dict) else None
-        if not isinstance(model, dict) or model.get("type") != "BPE":
-            raise ValueError(f"{where}not a BPE tokenizer.json (model.type is not 'BPE')")
-        vocab, merges = model.get("vocab"), model.get("merges")
-        if not isinstance(vocab, dict) or not isinstance(merges, list):
-            raise ValueError(f"{where}model.vocab must be an object and model.merges a list")
-        pattern = _hf_pattern(data.get("pre_tokenizer"), where)
-        specials = {}
-        for added in data.get("added_tokens") or []:
-            if added.get("special"):
-                specials[added["content"]] = added["id"]
-        ordinary = {t: i for t, i in vocab.items() if t not in specials}
-        tokens = sorted(ordinary, key=ordinary.get)
-        if [ordinary[t] for t in tokens] != list(range(len(tokens))):
-            raise ValueError(f"{where}ordinary token ids must be 0..{len(tokens) - 1} with special tokens after them")
-        for k, m in enumerate(merges):
-            pair = m.split(" ") if isinstance(m, str) else m
-            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-                raise ValueError(f"{where}merge #{k} {m!r} is not a pair of tokens")
-        # Our encoder needs only the ranks (ids); rebuild a merge list from them: each token = the first split
-        # into two tokens of lower rank (the file's own merges may list splits into later tokens, as ours do).
-        ranks = {t: i for i, t in enumerate(tokens)}
-        pairs = []
-        for i, token in enumerate(tokens[256:], start=256):
-            split = next(
-                (k for k in range(1, len(token)) if ranks.get(token[:k], i) < i and ranks.get(token[k:], i) < i), None
-            )
-            if split is None:
-                raise ValueError(f"{where}token {token!r} (id {i}) is not the concatenation of two lower-id tokens")
-            pairs.append((token[:split], token[split:]))
-        tok = cls(pattern)
-        alphabet = tokens[:256]
-        tok._check_alphabet(alphabet, where)
-        tok._set_vocab(alphabet, pairs, where)
-        if tok._tokens != tokens:
-            raise ValueError(f"{where}the vocabulary has repeated tokens")
-        order = sorted(specials, key=specials.get)
-        if [specials[t] for t in order] != list(range(len(tokens), len(tokens) + len(order))):
-            raise ValueError(f"{where}special-token ids must follow the ordinary vocabulary consecutively")
-        tok._add_special_tokens(order)
-        return tok
-
-
-def _hf_pattern(pre: Any, where: str) -> str:
-    """The pre-tokenization regex of a tokenizer.json: a Split's regex, or GPT-2's for ByteLevel(use_regex)."""
-    steps = pre.get("pretokenizers", []) if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
-    for step in steps:
-        if isinstance(step, dict) and step.get("type") == "Split":
-            regex_pattern = (step.get("pattern") or {}).get("Regex")
-            if isinstance(regex_pattern, str):
-                return regex_pattern
-        if isinstance(step, dict) and step.get("type") == "ByteLevel" and step.get("use_regex", True):
-            return GPT2_PATTERN
-    raise ValueError(f"{where}no byte-level pre-tokenizer with a regex found (need Split(Regex) or ByteLevel)")
+    def _hf_num_base(cls, tokens: list[str]) -> int:
+        return 256

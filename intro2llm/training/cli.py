@@ -7,8 +7,10 @@
     torchrun --nproc_per_node=2 -m intro2llm train --batch-size 32 ...    # DDP: same losses as one process
 
 ``DIR`` receives ``data/`` (tokenizer-ready shards), ``checkpoints/``, ``metrics.jsonl``, ``tb/`` and, at the end,
-``config.json`` + ``model.safetensors`` + ``tokenizer.json``, loadable with ``CausalLM.from_pretrained(DIR)`` and
-``intro2llm.data.prepare.load_tokenizer(DIR)``. This module imports no torch at the top level (the CLI
+``config.json`` + ``model.safetensors`` + the tokenizer files (``intro2llm_tokenizer.json``, Hugging Face
+``tokenizer.json``, ``tokenizer_config.json``, ``generation_config.json``), loadable with
+``CausalLM.from_pretrained(DIR)`` and ``intro2llm.data.prepare.load_tokenizer(DIR)`` (or ``transformers``'
+``AutoModelForCausalLM``/``AutoTokenizer``). This module imports no torch at the top level (the CLI
 lists commands quickly); the handler imports what it needs.
 """
 
@@ -110,7 +112,7 @@ def _initial_model(args, cfg, tokenizer):  # noqa: ANN001, ANN202
     """A fresh model of ``cfg``, or the ``--init`` model; then the ``--lora``/``--qlora`` adapters, if asked."""
     from pathlib import Path
 
-    from intro2llm.data.prepare import TOKENIZER_FILE, load_tokenizer
+    from intro2llm.data.prepare import load_tokenizer, tokenizer_file
     from intro2llm.model.causal_lm import CausalLM
     from intro2llm.training.peft_args import apply_peft_args, peft_requested
 
@@ -128,10 +130,10 @@ def _initial_model(args, cfg, tokenizer):  # noqa: ANN001, ANN202
     if args.seq_len + 1 > model.config.max_position_embeddings:
         raise ValueError(f"--init {init}: --seq-len {args.seq_len} + 1 exceeds its max_position_embeddings "
                          f"{model.config.max_position_embeddings}")
-    if tokenizer is not None and (init / TOKENIZER_FILE).is_file():
+    if tokenizer is not None and tokenizer_file(init) is not None:
         probe = "Q: 12+35=?\nA: 47\nthe quick brown fox, def f(x): return x ** 2\n"
-        if load_tokenizer(init / TOKENIZER_FILE).encode(probe) != tokenizer.encode(probe):
-            raise ValueError(f"--init {init}: its tokenizer.json encodes text differently from this run's tokenizer "
+        if load_tokenizer(init).encode(probe) != tokenizer.encode(probe):
+            raise ValueError(f"--init {init}: its tokenizer encodes text differently from this run's tokenizer "
                              f"(build the data with the same --data/--seed/--synthetic-docs as the base run)")
     return apply_peft_args(model, args, base=str(init))
 
@@ -152,7 +154,8 @@ def _prepare(args, info):  # noqa: ANN001, ANN202
     source = {"data": args.data, "seed": args.seed, "vocab_size": args.vocab_size, "max_bytes": args.max_bytes,
               "synthetic_docs": args.synthetic_docs}
     source_file = data_dir / "source.json"
-    built = (data_dir / "train" / INDEX_FILE).exists() and tok_path.exists() and source_file.exists() \
+    built = (data_dir / "train" / INDEX_FILE).exists() and prep.tokenizer_file(out) is not None \
+        and source_file.exists() \
         and json.loads(source_file.read_text()) == source
     error = None
     if info.is_main and not is_shard_dir and not built:
@@ -186,13 +189,13 @@ def _prepare(args, info):  # noqa: ANN001, ANN202
     if is_shard_dir:
         src = Path(args.data)
         tokenizer = None
-        for cand in (src / prep.TOKENIZER_FILE, src.parent / prep.TOKENIZER_FILE):
-            if cand.exists():
+        for cand in (src, src.parent):
+            if prep.tokenizer_file(cand) is not None:
                 tokenizer = prep.load_tokenizer(cand)
                 break
         return src, Path(args.eval_data) if args.eval_data else None, tokenizer
     val = Path(args.eval_data) if args.eval_data else data_dir / "val"
-    return data_dir / "train", val if (val / INDEX_FILE).exists() else None, prep.load_tokenizer(tok_path)
+    return data_dir / "train", val if (val / INDEX_FILE).exists() else None, prep.load_tokenizer(out)
 
 
 def _check_device(spec: str, torch) -> str | None:  # noqa: ANN001

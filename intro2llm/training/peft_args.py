@@ -96,12 +96,12 @@ def apply_peft_args(model: Any, args: argparse.Namespace, base: str | None = Non
     return apply_settings(model, peft_settings(args), base)
 
 
-def export_model(model: Any, out_dir: Any, tokenizer: Any | None = None) -> None:
+def export_model(model: Any, out_dir: Any, tokenizer: Any | None = None, template: Any | None = None) -> None:
     """``intro2llm.interop.hf.export_model``: adapters in PEFT's layout (pointing at the base) for a LoRA model,
-    else ``save_pretrained``; plus ``tokenizer.json``."""
+    else ``save_pretrained``; plus the tokenizer files (ours, Hugging Face's, chat template, generation config)."""
     from intro2llm.interop.hf import export_model as export
 
-    export(model, out_dir, tokenizer)
+    export(model, out_dir, tokenizer, template=template)
 
 
 def load_adapted_model(path: Any, base: Any | None = None) -> Any:

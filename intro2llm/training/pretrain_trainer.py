@@ -8,7 +8,8 @@ window are trained (feeding T tokens would drop the last target), and ``return_l
 fused linear + cross-entropy op, so the (B, T, V) logits are never materialised.
 
 At the end rank 0 writes an evaluation-ready directory (``interop.hf.export_model``: ``save_pretrained`` files
-plus ``tokenizer.json`` when a tokenizer is given), so ``CausalLM.from_pretrained(out_dir)`` works. Data
+plus the tokenizer files when a tokenizer is given: ``interop.hf.export_tokenizer``), so
+``CausalLM.from_pretrained(out_dir)`` and ``transformers``' ``AutoModelForCausalLM``/``AutoTokenizer`` work. Data
 preparation for the ``train`` command lives in ``intro2llm.data.prepare``, accuracy on the synthetic task in
 ``intro2llm.evaluation.accuracy``.
 Not handled: document-masked attention, data mixtures.

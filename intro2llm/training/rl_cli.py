@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -110,7 +109,8 @@ def _run(args: argparse.Namespace, cmd: str) -> int:
     from tqdm import tqdm
 
     from intro2llm.data import synthetic
-    from intro2llm.data.prepare import TOKENIZER_FILE, load_tokenizer
+    from intro2llm.data.prepare import TOKENIZER_FILE, load_tokenizer, tokenizer_file
+    from intro2llm.interop.hf import export_model
     from intro2llm.model.causal_lm import CausalLM
     from intro2llm.training import rl
     from intro2llm.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -119,8 +119,8 @@ def _run(args: argparse.Namespace, cmd: str) -> int:
     ckpt, out = Path(args.ckpt), Path(args.out)
     if not (ckpt / "config.json").exists():
         return _fail(cmd, f"--ckpt {ckpt}: no config.json (expected a directory written by save_pretrained)")
-    if not (ckpt / TOKENIZER_FILE).exists():
-        return _fail(cmd, f"--ckpt {ckpt}: no {TOKENIZER_FILE}")
+    if tokenizer_file(ckpt) is None:
+        return _fail(cmd, f"--ckpt {ckpt}: no {TOKENIZER_FILE} or tokenizer.json")
     for name in ("steps", "max_new_tokens", "prompts_per_step", "train_prompts", "save_every", "keep"):
         if getattr(args, name) < 1:
             return _fail(cmd, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -247,10 +247,7 @@ def _run(args: argparse.Namespace, cmd: str) -> int:
     summary.update(steps=trainer.step, train_seconds=round(train_seconds, 1),
                    first_rewards=summary.get("first_rewards", rewards[:5]), last_rewards=rewards[-5:])
     logger.close()
-    model.save_pretrained(out)
-    shutil.copyfile(ckpt / TOKENIZER_FILE, out / TOKENIZER_FILE)
-    if (ckpt / "tokenizer_config.json").exists():
-        shutil.copyfile(ckpt / "tokenizer_config.json", out / "tokenizer_config.json")
+    export_model(model, out, tok, template=tname)  # + tokenizer files (ours, HF's, chat template, generation)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: summary[k] for k in ("eval_before", "eval_after", "steps", "train_seconds")
                       if k in summary}))

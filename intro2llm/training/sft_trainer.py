@@ -115,12 +115,11 @@ class SFTTrainer(Trainer):
 
 
 def export_sft_model(model: nn.Module, out_dir: Any, tokenizer: Any, template: str | chat.ChatTemplate) -> None:
-    """``save_pretrained`` files (or LoRA adapters) + ``tokenizer.json`` + ``tokenizer_config.json`` (with the
-    ``chat_template``)."""
+    """``save_pretrained`` files (or LoRA adapters) + the tokenizer files (``intro2llm_tokenizer.json``, Hugging
+    Face ``tokenizer.json``, ``tokenizer_config.json`` with the ``chat_template``, ``generation_config.json``)."""
     from intro2llm.training.peft_args import export_model
 
-    export_model(model, out_dir, tokenizer)  # a LoRA model: adapters in PEFT's layout pointing at the base
-    chat.write_chat_template(out_dir, tokenizer, template)
+    export_model(model, out_dir, tokenizer, template=template)  # LoRA: adapters in PEFT's layout, base pointer
 
 
 @torch.no_grad()
