@@ -19,6 +19,7 @@ _COMMAND_MODULES = (
     "intro2llm.training.dpo_cli",
     "intro2llm.training.rl_cli",
     "intro2llm.evaluation.cli",
+    "intro2llm.model.chat_cli",
     "intro2llm.pipeline.cli",
 )
 
