@@ -4,7 +4,7 @@ A decode step is a chain of small matrix products bound by reading the weights (
 (batch 8). ``DecodeWeights.from_model`` builds, once per ``generate`` call, a named bundle in the layout those
 products want: q/k/v (and gate/up) concatenated so one product reads them in one pass, each matrix stored
 (in, out) row-major so ``x @ W`` streams the weight rows (faster than ``F.linear``'s (out, in) for one row
-with MKL; the figures are in lesson 05's README). It costs one copy of the weights while generating.
+with MKL; the figures are in lesson 04's README). It costs one copy of the weights while generating.
 
 Two steps use the bundle, with the same math as the module path (``CausalLM._backbone`` on one token):
 
