@@ -7,7 +7,8 @@ Reference: Chen et al., "Symbolic Discovery of Optimization Algorithms" (2023), 
     m <- beta2 * m + (1 - beta2) * g              # momentum tracked with a slower beta2
 
 Lion keeps one state tensor per parameter (AdamW keeps two), and since |update| = lr per coordinate, it wants an
-lr 3-10x smaller and a weight decay 3-10x larger than AdamW. Not handled: sparse or complex gradients.
+lr 3-10x smaller and a weight decay 3-10x larger than AdamW. Sharded (DTensor, FSDP2) parameters are updated
+through their local shards (the update is elementwise). Not handled: sparse or complex gradients.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class Lion(Optimizer):
                 if len(state) == 0:
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 m = state["exp_avg"]
+                if hasattr(p, "to_local"):  # FSDP2 DTensors: the update is elementwise, run it on this rank's shards
+                    p, g, m = p.to_local(), g.to_local(), m.to_local()
                 p.mul_(1 - lr * wd)
                 update = m.lerp(g, 1 - beta1).sign_()  # sign(beta1*m + (1-beta1)*g)
                 p.add_(update, alpha=-lr)

@@ -17,9 +17,10 @@ a successful rename are checkpoints beyond ``keep_last`` deleted.
 
 Loading trusts nothing on disk: ``meta.json`` must be an object with ``format_version`` 1, an int ``step`` equal
 to the directory's (``step_<n>``), and ``files`` listing exactly the three files (sharded layout: ``trainer.pt``
-and every file under ``sharded/``), each with an int ``bytes`` and a 64-hex-digit ``sha256`` that the file matches (``optimizer.pt`` is always written; it holds ``None`` when the
-run had no optimizer state). Pickles are read with ``torch.load(weights_only=True)`` only (no arbitrary code
-from a checkpoint). Any violation raises ``CheckpointError`` naming the file and what is wrong;
+and every file under ``sharded/``), each with an int ``bytes`` and a 64-hex-digit ``sha256`` that the file
+matches (``optimizer.pt`` is always written; it holds ``None`` when the run had no optimizer state). Pickles
+are read with ``torch.load(weights_only=True)`` only (no arbitrary code from a checkpoint). Any violation raises
+``CheckpointError`` naming the file and what is wrong;
 ``latest_intact_checkpoint`` returns the newest checkpoint that passes, with the reasons the newer ones failed.
 
 Sharded layout (FSDP; ``meta.json`` has ``"layout": "sharded"``): ``trainer.pt`` plus ``sharded/``, a

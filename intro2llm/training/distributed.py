@@ -6,13 +6,27 @@ are all-reduced and averaged during backward) or a 1/W shard of every parameter 
 all-gathered per block for compute, gradients reduce-scattered). With global batch G each rank sees G/W rows, and
 the averaged gradient equals the single-process gradient of the whole batch — the property tests check.
 
+FSDP2 details (``wrap_model(..., "fsdp")``): every transformer block is its own ``fully_shard`` unit, then the root
+(embeddings, final norm, head); under bf16 a ``MixedPrecisionPolicy`` computes in bf16 and reduces gradients in
+fp32 (the sharded master weights stay fp32). Parameters become DTensors: code that reads them outside the sharded
+forward (generation, export) needs the full tensors — ``meta_skeleton`` (taken before sharding, parameters on the
+meta device, so it costs no memory) plus ``consolidate`` (all-gather a full state dict, rank 0 loads it into a copy
+of the skeleton) give an ordinary unsharded module.
+
+Multi-node is the same code: ``torchrun --nnodes N --nproc_per_node P --rdzv-backend c10d --rdzv-endpoint HOST:PORT``
+on every node sets the same environment variables. A rank that dies makes the others fail in their next collective
+(the connection closes) or, at the latest, after the process-group timeout (``init_distributed(timeout=)``, default
+``INTRO2LLM_DIST_TIMEOUT`` = 600 s), so no rank waits forever.
+
 References: Li et al., "PyTorch Distributed: Experiences on Accelerating Data Parallel Training" (VLDB 2020);
 Zhao et al., "PyTorch FSDP" (2023); the FSDP2 ``torch.distributed.fsdp.fully_shard`` tutorial.
-Not handled: tensor/pipeline parallelism, multi-node rendezvous options beyond what torchrun's env provides.
+Not handled: tensor/pipeline parallelism, FSDP of quantized (QLoRA) bases, CPU offload of shards.
 """
 
 from __future__ import annotations
 
+import copy
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -39,8 +53,18 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: str | None = None) -> DistInfo:
-    """Join the torchrun process group if ``WORLD_SIZE > 1`` (idempotent); pick the device for this rank."""
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def init_distributed(device: str | None = None, timeout: float | None = None) -> DistInfo:
+    """Join the torchrun process group if ``WORLD_SIZE > 1`` (idempotent); pick the device for this rank.
+
+    ``timeout`` (seconds; default ``$INTRO2LLM_DIST_TIMEOUT`` or 600): the longest any collective waits for the other
+    ranks before raising — the bound on how long survivors of a dead rank can hang."""
+    if timeout is None:
+        timeout = float(os.environ.get("INTRO2LLM_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    if not timeout > 0:
+        raise ValueError(f"init_distributed: timeout must be > 0 seconds, got {timeout}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -52,7 +76,7 @@ def init_distributed(device: str | None = None) -> DistInfo:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
@@ -83,9 +107,13 @@ def cleanup_distributed(synchronize: bool = True) -> None:
     dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, info: DistInfo, strategy: str = "ddp") -> nn.Module:
-    """DDP (``strategy="ddp"``) or FSDP2 (``"fsdp"``, CUDA) around ``model``; unchanged with one process."""
-    if strategy not in ("ddp", "fsdp"):
+STRATEGIES = ("ddp", "fsdp")
+
+
+def wrap_model(model: nn.Module, info: DistInfo, strategy: str = "ddp", bf16: bool = False) -> nn.Module:
+    """DDP (``strategy="ddp"``) or FSDP2 (``"fsdp"``; gloo/CPU or nccl/CUDA) around ``model``; unchanged with one
+    process. ``bf16``: FSDP computes with bf16 copies of the gathered parameters and reduces gradients in fp32."""
+    if strategy not in STRATEGIES:
         raise ValueError(f"wrap_model: strategy must be 'ddp' or 'fsdp', got {strategy!r}")
     if not info.enabled:
         return model
@@ -101,12 +129,59 @@ def wrap_model(model: nn.Module, info: DistInfo, strategy: str = "ddp") -> nn.Mo
             from torch.distributed._composable.fsdp import fully_shard
         except ImportError:
             raise RuntimeError(f"FSDP2 (fully_shard) is not available in torch {torch.__version__}") from exc
+    kwargs = {}
+    if bf16:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     # Shard each transformer block separately (its parameters are gathered just for its compute), then the rest.
     blocks = _transformer_blocks(model)
     for block in blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
     return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True if ``model`` has FSDP2-sharded (DTensor) parameters."""
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def meta_skeleton(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (take it before sharding) whose parameters live on the meta device (no memory); buffers and
+    every other attribute are copied. Tied parameters stay tied. ``consolidate`` fills it with real weights."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for _, p in model.named_parameters(remove_duplicate=False)}
+    return copy.deepcopy(model, memo)
+
+
+def materialize(skeleton: nn.Module, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> nn.Module:
+    """A real copy of ``skeleton`` on ``device`` holding ``state`` (a full state dict; strict)."""
+    model = copy.deepcopy(skeleton)
+    real: dict[int, nn.Parameter] = {}
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in real:  # one new tensor per parameter object: tied weights stay tied
+                real[id(p)] = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+            mod._parameters[name] = real[id(p)]
+    model.to(device)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def consolidate(model: nn.Module, skeleton: nn.Module, info: DistInfo) -> nn.Module | None:
+    """The full, unsharded model (CPU) on rank 0 and None elsewhere; a collective: every rank must call it.
+
+    ``model`` is the FSDP2-sharded module, ``skeleton`` its ``meta_skeleton`` taken before sharding."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # full_state_dict + cpu_offload: all-gathered one tensor at a time, kept on rank 0 only
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not info.is_main:
+        return None
+    return materialize(skeleton, state)
 
 
 def _transformer_blocks(model: nn.Module) -> list[nn.Module]:

@@ -114,15 +114,4 @@ class PretrainTrainer(Trainer):
     def on_train_end(self) -> None:
         if self.out_dir is None:
             return
-        if self._fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
-                                                                              cpu_offload=True))
-            if not self.info.is_main:
-                return
-            model = type(self.raw_model)(self.raw_model.config)
-            model.load_state_dict(state)
-        else:
-            model = self.raw_model
-        export_model(model, self.out_dir, self.tokenizer)
+        export_model(self.raw_model, self.out_dir, self.tokenizer)  # FSDP: the consolidated model (Trainer.train)

@@ -416,28 +416,17 @@ class Trainer:
                           f"(the damaged one is kept as {aside})", file=sys.stderr)
         c = ckpt.load_checkpoint(target)
         ts = c.trainer_state
-        if ts.get("world_size", 1) != self.info.world_size:
+        if bool(ts.get("adapter")) != is_lora_model(self.raw_model):
             raise ckpt.CheckpointError(
-                f"checkpoint {target} was written by {ts.get('world_size')} processes; this run has "
-                f"{self.info.world_size} (per-rank RNG and data order would not match)"
+                f"checkpoint {target} holds " + ("LoRA adapters" if ts.get("adapter") else "a full model")
+                + " but the model " + ("has adapters" if is_lora_model(self.raw_model) else "has none")
+                + ": resume with the same --lora/--qlora options"
             )
-        if self._fsdp:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_model_state_dict,
-                set_optimizer_state_dict,
-            )
-
-            opts = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(self.model, c.model_state, options=opts)
-            set_optimizer_state_dict(self.model, self.optimizer, c.optimizer_state, options=opts)
+        if c.sharded is not None:
+            self._load_sharded(c)
+        elif self._fsdp:
+            self._load_full_into_sharded(c)
         else:
-            if bool(ts.get("adapter")) != is_lora_model(self.raw_model):
-                raise ckpt.CheckpointError(
-                    f"checkpoint {target} holds " + ("LoRA adapters" if ts.get("adapter") else "a full model")
-                    + " but the model " + ("has adapters" if is_lora_model(self.raw_model) else "has none")
-                    + ": resume with the same --lora/--qlora options"
-                )
             missing, unexpected = self.raw_model.load_state_dict(c.model_state, strict=False)
             missing = checkpoint_missing_keys(self.raw_model, missing)  # a LoRA model's base is not stored
             if missing or unexpected:
@@ -453,16 +442,65 @@ class Trainer:
                 raise ckpt.CheckpointError(f"checkpoint {target} has a data position but the data cannot load it")
             self.train_data.load_state_dict(ts["data"])
             self._train_iter = None
-        ckpt.set_rng_state(ts["rng"][self.info.rank])
+        rngs, saved_world = ts["rng"], ts.get("world_size", 1)
+        if saved_world != self.info.world_size and self.info.is_main:
+            # The data position is global (rank r of W takes its rows of the same global batch), so the run goes
+            # on with the same batches; only the per-rank RNG streams (dropout, sampling) cannot be carried over.
+            import sys
+
+            print(f"note: checkpoint {target.name} was written by {saved_world} process(es), this run has "
+                  f"{self.info.world_size}: same data order and weights; per-rank RNG streams restart from the "
+                  "saved ones by rank modulo the old world size; losses match up to reduction order", file=sys.stderr)
+        ckpt.set_rng_state(rngs[self.info.rank % len(rngs)])
         self.step = c.step
         self.tokens_seen = ts.get("tokens_seen", 0)
         self.bad_streak = ts.get("bad_streak", 0)
         self.logger.truncate_after(self.step)
         return self.step
 
+    def _load_sharded(self, c: ckpt.Checkpoint) -> None:
+        """A sharded (DCP) checkpoint into this run, whatever its world size or strategy: DCP reads the pieces
+        each rank's tensors need (FSDP: its shards; DDP / one process: full tensors)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        state = self._sharded_state()
+        try:
+            dcp.load(state, checkpoint_id=c.sharded)
+        except Exception as exc:  # noqa: BLE001 - DCP raises its own types; name the checkpoint and the cause
+            raise ckpt.CheckpointError(f"sharded checkpoint {c.path} does not fit this model/optimizer: {exc}") \
+                from exc
+        module = self.model if self._fsdp else self.raw_model
+        set_model_state_dict(module, state["model"])
+        set_optimizer_state_dict(module, self.optimizer, state["optim"])
+
+    def _load_full_into_sharded(self, c: ckpt.Checkpoint) -> None:
+        """A full checkpoint (one process / DDP) into an FSDP run: every rank reads the file and keeps its shards;
+        the optimizer state is re-keyed from torch's parameter indices to parameter names first."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        if c.trainer_state.get("adapter"):
+            raise ckpt.CheckpointError(f"checkpoint {c.path} holds only LoRA adapters (a non-FSDP run); resume it "
+                                       "without --strategy fsdp")
+        opts = StateDictOptions(full_state_dict=True)
+        try:
+            set_model_state_dict(self.model, c.model_state, options=opts)
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise ckpt.CheckpointError(f"checkpoint {c.path / ckpt.MODEL_FILE} does not fit the model: {exc}") \
+                from exc
+        if c.optimizer_state is not None:
+            named = _optimizer_state_by_name(self.raw_model, self.optimizer, c.optimizer_state, c.path)
+            set_optimizer_state_dict(self.model, self.optimizer, named, options=opts)
+
     # ------------------------------------------------------------------------------------------ the loop
     def train(self) -> list[dict[str, Any]]:
-        """Run until ``config.steps``; returns the per-step metrics of this call."""
+        """Run until ``config.steps``; returns the per-step metrics of this call. Under FSDP, afterwards
+        ``raw_model`` on rank 0 is the consolidated (unsharded) model, ready for ``generate`` and export; ``model``
+        stays sharded on every rank."""
         cfg = self.config
         from tqdm.auto import tqdm
 
@@ -504,9 +542,39 @@ class Trainer:
                     self.save_checkpoint()
             if self.out_dir is not None:
                 self.save_checkpoint()
-            if self.info.is_main or self._fsdp:
+            if self._fsdp:
+                # Generation, evaluation helpers and exports after training read the parameters outside the
+                # sharded forward: on rank 0 ``raw_model`` becomes the consolidated full model (a collective).
+                full = consolidate(self.model, self._skeleton, self.info)
+                if full is not None:
+                    self.raw_model = full
+            if self.info.is_main:
                 self.on_train_end()
         finally:
             bar.close()
             self.logger.close()
         return records
+
+
+def _optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                             path: Path) -> dict[str, Any]:
+    """``optimizer.state_dict()`` (parameters numbered in param-group order) re-keyed by parameter name, the form
+    ``set_optimizer_state_dict`` takes. The numbering is matched against this optimizer's groups, built the same
+    way from the same model."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    saved_groups = state.get("param_groups", [])
+    if len(saved_groups) != len(optimizer.param_groups) or any(
+            len(g["params"]) != len(h["params"]) for g, h in zip(saved_groups, optimizer.param_groups)):
+        raise ckpt.CheckpointError(
+            f"checkpoint {path / ckpt.OPTIMIZER_FILE}: its param groups "
+            f"{[len(g['params']) for g in saved_groups]} do not match this optimizer's "
+            f"{[len(g['params']) for g in optimizer.param_groups]} (different model, optimizer or weight decay split)"
+        )
+    index_to_name = {}
+    for saved, live in zip(saved_groups, optimizer.param_groups):
+        for i, p in zip(saved["params"], live["params"]):
+            index_to_name[i] = names[id(p)]
+    return {
+        "state": {index_to_name[i]: v for i, v in state["state"].items()},
+        "param_groups": [{**g, "params": [index_to_name[i] for i in g["params"]]} for g in saved_groups],
+    }
