@@ -5,6 +5,9 @@
     intro2llm train --data PATH --out DIR                                  # a shard dir (index.json) or text file/dir
     intro2llm train --out runs/tiny --resume                               # continue from the newest checkpoint
     torchrun --nproc_per_node=2 -m intro2llm train --batch-size 32 ...    # DDP: same losses as one process
+    torchrun --nproc_per_node=2 -m intro2llm train --strategy fsdp ...    # FSDP2: sharded weights/optimizer/ckpts
+    torchrun --nnodes 2 --nproc_per_node 1 --rdzv-backend c10d --rdzv-endpoint HOST:PORT -m intro2llm train ...
+                                                                           # on each of 2 nodes: the same run
 
 ``DIR`` receives ``data/`` (tokenizer-ready shards), ``checkpoints/``, ``metrics.jsonl``, ``tb/`` and, at the end,
 ``config.json`` + ``model.safetensors`` + the tokenizer files (``intro2llm_tokenizer.json``, Hugging Face
@@ -67,7 +70,12 @@ def register(subparsers) -> None:  # noqa: ANN001 - argparse's private subparser
     p.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="multi-process wrapping (fsdp: GPU)")
+    p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"],
+                   help="multi-process wrapping under torchrun: ddp (replicas) or fsdp (FSDP2 shards; sharded "
+                        "checkpoints); fsdp needs >= 2 processes")
+    p.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                   help="longest wait of any collective for the other ranks (a dead rank -> error after this); "
+                        "default $INTRO2LLM_DIST_TIMEOUT or 600")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary for stdlib/text data")
     p.add_argument("--max-bytes", type=int, default=8_000_000, help="text bytes read for stdlib/text data")
@@ -235,6 +243,11 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and not (math.isfinite(value) and (value > 0 if low is None else value >= low)):
             need = "> 0" if low is None else f">= {low:g}"
             return _fail(f"--{name.replace('_', '-')} must be a finite number {need}, got {value}")
+    if args.strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return _fail("--strategy fsdp shards the model over several processes, but this is one process: launch with "
+                     "'torchrun --nproc_per_node N -m intro2llm train ...' (N >= 2), or drop --strategy fsdp")
+    if args.dist_timeout is not None and not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
+        return _fail(f"--dist-timeout must be a finite number of seconds > 0, got {args.dist_timeout}")
     bad_device = _check_device(args.device, torch)
     if bad_device:
         return _fail(bad_device)
@@ -249,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"--resume: no checkpoint found in {ckpts} (expected {ckpts}/step_*/)")
     elif latest_checkpoint(out / "checkpoints") is not None:
         return _fail(f"{out} already holds checkpoints of a run; pass --resume to continue it, or choose another --out")
-    info = init_distributed(args.device)
+    info = init_distributed(args.device, timeout=args.dist_timeout)
     rc = 1
     try:
         rc = _train(args, info, out)
