@@ -47,6 +47,31 @@ def _keep_mask(
 
 
 @triton.jit
+def _key_range(
+    pid_m,  # query block index
+    offset,  # Tk - Tq: query i sits at position i + offset
+    Tk,  # key length
+    WINDOW,  # window size (used if HAS_WINDOW)
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # [lo, hi): the keys the mask leaves visible to query block pid_m, lo a multiple of BLOCK_N (whole hidden
+    # blocks are never loaded)
+    lo = 0
+    hi = Tk
+    if CAUSAL:
+        hi = tl.minimum(Tk, (pid_m + 1) * BLOCK_M + offset)
+    elif HAS_WINDOW:
+        hi = tl.minimum(Tk, (pid_m + 1) * BLOCK_M - 1 + offset + WINDOW)
+    if HAS_WINDOW:
+        lo = tl.maximum(0, pid_m * BLOCK_M + offset - WINDOW + 1)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
 def _flash_attention_fwd_kernel(
     q_ptr,  # (B, H, Tq, D) contiguous
     k_ptr,  # (B, Hkv, Tk, D) contiguous
@@ -89,16 +114,8 @@ def _flash_attention_fwd_kernel(
     q = tl.load(q_ptr + q_offs, mask=row_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK_M, D)
     dt = q_ptr.dtype.element_ty
     q_dot = q.to(dt)  # matmul operand in the input dtype (tensor cores on GPU); the fp32 copy dies here
-    # the key range the mask leaves visible to this block (whole hidden blocks are never loaded)
-    lo = 0
-    hi = Tk
-    if CAUSAL:
-        hi = tl.minimum(Tk, (pid_m + 1) * BLOCK_M + offset)
-    elif HAS_WINDOW:
-        hi = tl.minimum(Tk, (pid_m + 1) * BLOCK_M - 1 + offset + WINDOW)
-    if HAS_WINDOW:
-        lo = tl.maximum(0, pid_m * BLOCK_M + offset - WINDOW + 1)
-        lo = (lo // BLOCK_N) * BLOCK_N
+    # the key range the mask leaves visible to this block
+    lo, hi = _key_range(pid_m, offset, Tk, WINDOW, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running row max
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running row sum
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)  # running unnormalized output
@@ -276,15 +293,7 @@ def _bwd_dq_kernel(
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    lo = 0
-    hi = Tk
-    if CAUSAL:
-        hi = tl.minimum(Tk, (pid_m + 1) * BLOCK_M + offset)
-    elif HAS_WINDOW:
-        hi = tl.minimum(Tk, (pid_m + 1) * BLOCK_M - 1 + offset + WINDOW)
-    if HAS_WINDOW:
-        lo = tl.maximum(0, pid_m * BLOCK_M + offset - WINDOW + 1)
-        lo = (lo // BLOCK_N) * BLOCK_N
+    lo, hi = _key_range(pid_m, offset, Tk, WINDOW, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     kpm_row = kpm_ptr + b.to(tl.int64) * Tk
     for start_n in range(lo, hi, BLOCK_N):
         k_pos = start_n + offs_nb

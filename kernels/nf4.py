@@ -42,6 +42,24 @@ def _decode_tile(
 
 
 @triton.jit
+def _load_tile(ptr, rows, cols, R, C):
+    # (len(rows), len(cols)) tile of a row-major (R, C) matrix, 0 outside it, upcast right away (the CPU interpreter
+    # computes bf16 wrongly)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    return tl.load(ptr + rows[:, None].to(tl.int64) * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _dot_add(acc, a, b, out_ptr, DOT_FP32: tl.constexpr):
+    # acc + a @ b: fp32 inputs multiply as IEEE fp32 (no TF32), others in the output's dtype; fp32 accumulation
+    if DOT_FP32:
+        acc += tl.dot(a, b, input_precision="ieee")
+    else:
+        acc += tl.dot(a.to(out_ptr.dtype.element_ty), b.to(out_ptr.dtype.element_ty))
+    return acc
+
+
+@triton.jit
 def _nf4_matmul_fwd_kernel(
     x_ptr,  # (M, K) activations, contiguous
     packed_ptr,  # W's NF4 codes
@@ -68,16 +86,10 @@ def _nf4_matmul_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        # load x tile (upcast right away: the CPU interpreter computes bf16 wrongly)
-        x_mask = (rows_m[:, None] < M) & (cols[None, :] < K)
-        x = tl.load(x_ptr + rows_m[:, None].to(tl.int64) * K + cols[None, :], mask=x_mask, other=0.0)
-        x = x.to(tl.float32)
-        # decode the W tile in registers and multiply
+        # load the x tile, decode the W tile in registers, multiply
+        x = _load_tile(x_ptr, rows_m, cols, M, K)  # (BLOCK_M, BLOCK_K)
         w = _decode_tile(packed_ptr, absmax_ptr, code_ptr, rows_n, cols, N, K, BLOCKSIZE)  # (BLOCK_N, BLOCK_K)
-        if DOT_FP32:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(x.to(y_ptr.dtype.element_ty), tl.trans(w).to(y_ptr.dtype.element_ty))
+        acc = _dot_add(acc, x, tl.trans(w), y_ptr, DOT_FP32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows_n, mask=rows_n < N, other=0.0).to(tl.float32)[None, :]
     # store
@@ -109,14 +121,9 @@ def _nf4_matmul_bwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rows_n = n0 + tl.arange(0, BLOCK_N)
-        g_mask = (rows_m[:, None] < M) & (rows_n[None, :] < N)
-        g = tl.load(g_ptr + rows_m[:, None].to(tl.int64) * N + rows_n[None, :], mask=g_mask, other=0.0)
-        g = g.to(tl.float32)
+        g = _load_tile(g_ptr, rows_m, rows_n, M, N)  # (BLOCK_M, BLOCK_N)
         w = _decode_tile(packed_ptr, absmax_ptr, code_ptr, rows_n, cols, N, K, BLOCKSIZE)  # (BLOCK_N, BLOCK_K)
-        if DOT_FP32:
-            acc += tl.dot(g, w, input_precision="ieee")
-        else:
-            acc += tl.dot(g.to(dx_ptr.dtype.element_ty), w.to(dx_ptr.dtype.element_ty))
+        acc = _dot_add(acc, g, w, dx_ptr, DOT_FP32)
     mask = (rows_m[:, None] < M) & (cols[None, :] < K)
     tl.store(dx_ptr + rows_m[:, None].to(tl.int64) * K + cols[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
