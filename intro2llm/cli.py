@@ -20,6 +20,7 @@ _COMMAND_MODULES = (
     "intro2llm.training.rl_cli",
     "intro2llm.evaluation.cli",
     "intro2llm.model.chat_cli",
+    "intro2llm.bench_cli",
     "intro2llm.pipeline.cli",
 )
 
