@@ -45,6 +45,7 @@ def test_ctypes_cannot_escape_the_sandbox():
         os.rmdir(target)
 
 
+@pytest.mark.task("evaluate_perplexity")
 def test_strided_perplexity_equals_transformers_on_one_window():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -60,6 +61,7 @@ def test_strided_perplexity_equals_transformers_on_one_window():
     assert short.n_tokens == 29 and short.perplexity != pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.task("evaluate_mmlu", "build_prompt")
 def test_mmlu_oracle_and_constant_on_small_files(tmp_path):
     rows = [("2+2?", "3", "4", "5", "6", "B"), ("3+3?", "6", "7", "8", "9", "A"), ("1+0?", "0", "2", "1", "3", "C"),
             ("5-5?", "1", "2", "3", "0", "D")]
