@@ -35,7 +35,7 @@ OP = _dispatch.Op(  # the fast paths are torch GEMMs around the cross_entropy ke
 # Default chunk: ~16 MiB of logits (32 tokens at V=128k fp32, 128 at V=32k, 512 at V=8k). Big enough for efficient
 # GEMMs (K >= 32 rows per weight-gradient product), and under glibc's largest dynamic mmap threshold (32 MiB): after
 # the first call the buffer comes from the heap instead of a fresh mapping whose page faults are paid every call
-# (figures: benchmarks/bench_fused_linear_cross_entropy.py, lesson 07's README).
+# (figures: benchmarks/bench_fused_linear_cross_entropy.py, lesson 08's README).
 CHUNK_LOGITS_BYTES = 16 * 2**20
 
 
