@@ -26,7 +26,7 @@ def register(subparsers) -> None:  # noqa: ANN001 - argparse's private subparser
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", default="runs/pipeline", help="output directory DIR")
-    p.add_argument("--config", default="tiny", help="model preset or JSON file (as intro2llm train --config)")
+    p.add_argument("--config", default=None, help="model preset or JSON file (default: intro2llm train's)")
     p.add_argument("--stages", default=None,
                    help=f"comma-separated stages out of {','.join(STAGES)} (default {','.join(DEFAULT_STAGES)}; "
                         "with --resume: the run's own)")

@@ -178,7 +178,7 @@ def render_report(summary: dict, state: dict, plots: list[str]) -> str:
 
     opts = summary["options"]
     lines = ["# intro2llm pipeline report", ""]
-    cmd = "intro2llm pipeline --out DIR" + (f" --config {opts['config']}" if opts["config"] != "tiny" else "") + \
+    cmd = "intro2llm pipeline --out DIR" + (f" --config {opts['config']}" if opts["config"] else "") + \
         (" --fast" if opts["fast"] else "") + (" --qlora" if opts["qlora"] else "") + \
         f" --stages {','.join(opts['stages'])}"
     lines += [f"Command: `{cmd}` (seed {opts['seed']}), started {summary.get('started')}; machine: "

@@ -43,7 +43,7 @@ class PipelineError(ValueError):
 @dataclass
 class Options:
     out: str
-    config: str = "tiny"
+    config: str | None = None  # None: intro2llm train's default preset
     stages: tuple[str, ...] = ()
     fast: bool = False
     seed: int = 0
@@ -68,7 +68,8 @@ def stage_argv(stage: str, opts: Options, ckpt: str | None, out: Path) -> list[s
     """The stage command's argv: input, output, seed, and the switches that skip its own evaluation."""
     seed = ["--seed", str(opts.seed)]
     if stage in ("tokenizer", "pretrain"):
-        argv = ["train", "--config", opts.config, "--out", str(out), *seed, "--accuracy-samples", "0"]
+        argv = ["train", *(["--config", opts.config] if opts.config else []), "--out", str(out), *seed,
+                "--accuracy-samples", "0"]
         if tiny():
             argv += ["--synthetic-docs", "2000", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "1"]
     elif stage in ("sft", "dpo"):
