@@ -13,6 +13,10 @@ every id (``_id_to_bytes``); this class adds, as in Karpathy's minbpe ``Tokenize
   mask; ``decode`` / ``decode_batch`` that never raise (bytes that are not UTF-8 become U+FFFD).
 * ``save(path)`` / ``load(path)``: a versioned, human-readable JSON file written atomically (temp file in the
   same directory, then ``os.replace``); ``load`` checks every field and names the file in its errors.
+* ``save_pretrained(dir)`` / ``from_pretrained(dir)``: a checkpoint directory as Hugging Face lays it out — ours
+  under ``intro2llm_tokenizer.json``, ``tokenizer.json`` in Hugging Face's format (``AutoTokenizer`` gives our
+  ids) and ``tokenizer_config.json``; ``from_pretrained`` also reads older directories (our format under the name
+  ``tokenizer.json``) and Hugging Face-only ones.
 
 Not handled here: the tokenization algorithm itself (see ``bpe_tokenizer.py``), normalisation (NFC etc.: text is
 tokenized as given), offsets/alignment to the input text.

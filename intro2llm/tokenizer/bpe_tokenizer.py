@@ -13,6 +13,12 @@ training becomes ``unk_token`` (``"<unk>"``).
 Not handled: Sennrich's end-of-word marker ``</w>`` (the regex keeps spaces inside tokens instead), BPE-dropout,
 normalisation, characters outside the training alphabet other than through ``<unk>`` (``ByteLevelBPETokenizer``
 has no unknowns at all).
+
+Hugging Face: ``to_hf_json``/``export_hf`` write a ``tokenizer.json`` that ``tokenizers`` (and ``AutoTokenizer``)
+encode to exactly our ids — a ``Split`` pre-tokenizer with our regex, a BPE model whose merge list holds every
+split of every token in rank order (tiktoken's rule expressed as ``tokenizers``' rule), ``ignore_merges``, the
+``<unk>`` token, and a ``Fuse`` decoder; ``from_hf`` reads such a file back. The JSON is written by hand, so the
+``tokenizers`` package is not needed to export (only to test against).
 """
 
 from __future__ import annotations
