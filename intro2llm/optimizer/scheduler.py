@@ -114,30 +114,29 @@ class _FunctionScheduler(LRScheduler):
         return self.lr_at(self.last_epoch)
 
 
-class WarmupCosineScheduler(_FunctionScheduler):
+class _WarmupDecayScheduler(_FunctionScheduler):
+    """Warmup then decay to ``min_lr`` at ``total_steps``; subclasses name the schedule function ``_schedule``."""
+
+    def __init__(self, optimizer: Optimizer, warmup_steps: int, total_steps: int, min_lr: float = 0.0,
+                 last_epoch: int = -1) -> None:
+        _check(warmup_steps, total_steps, min_lr)
+        self.warmup_steps, self.total_steps, self.min_lr = warmup_steps, total_steps, min_lr
+        super().__init__(optimizer, last_epoch)
+
+    def _lr_at(self, step: int, base_lr: float, min_lr: float) -> float:
+        return self._schedule(step, base_lr, self.warmup_steps, self.total_steps, min_lr)
+
+
+class WarmupCosineScheduler(_WarmupDecayScheduler):
     """Linear warmup then cosine decay to ``min_lr`` (see ``warmup_cosine_lr``)."""
 
-    def __init__(self, optimizer: Optimizer, warmup_steps: int, total_steps: int, min_lr: float = 0.0,
-                 last_epoch: int = -1) -> None:
-        _check(warmup_steps, total_steps, min_lr)
-        self.warmup_steps, self.total_steps, self.min_lr = warmup_steps, total_steps, min_lr
-        super().__init__(optimizer, last_epoch)
-
-    def _lr_at(self, step: int, base_lr: float, min_lr: float) -> float:
-        return warmup_cosine_lr(step, base_lr, self.warmup_steps, self.total_steps, min_lr)
+    _schedule = staticmethod(warmup_cosine_lr)
 
 
-class WarmupLinearScheduler(_FunctionScheduler):
+class WarmupLinearScheduler(_WarmupDecayScheduler):
     """Linear warmup then linear decay to ``min_lr`` (see ``warmup_linear_lr``)."""
 
-    def __init__(self, optimizer: Optimizer, warmup_steps: int, total_steps: int, min_lr: float = 0.0,
-                 last_epoch: int = -1) -> None:
-        _check(warmup_steps, total_steps, min_lr)
-        self.warmup_steps, self.total_steps, self.min_lr = warmup_steps, total_steps, min_lr
-        super().__init__(optimizer, last_epoch)
-
-    def _lr_at(self, step: int, base_lr: float, min_lr: float) -> float:
-        return warmup_linear_lr(step, base_lr, self.warmup_steps, self.total_steps, min_lr)
+    _schedule = staticmethod(warmup_linear_lr)
 
 
 class ConstantScheduler(_FunctionScheduler):
