@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from intro2llm.course import lesson_task
 from intro2llm.data import chat
 from intro2llm.data.sft_dataset import IGNORE_INDEX, SFTBatches, read_jsonl_rows
 
@@ -64,6 +65,7 @@ def _as_row(row: Any) -> Mapping[str, Any]:
     raise ValueError(f"expected a (prompt, chosen, rejected) triple or a mapping with {FIELDS}, got {row!r:.80}")
 
 
+@lesson_task(11)
 class DPODataset:
     """Tokenized preference pairs; ``ds[i]`` -> dict of 1-D LongTensors (``chosen_input_ids``, ``chosen_labels``,
     ``rejected_input_ids``, ``rejected_labels``) and ``index`` (the row's position in this dataset)."""

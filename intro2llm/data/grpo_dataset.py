@@ -18,6 +18,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from intro2llm.course import lesson_task
+
 
 @dataclass
 class GRPOItem:
@@ -29,6 +31,7 @@ class GRPOItem:
     rewards: list[float] = field(default_factory=list)
 
 
+@lesson_task(13)
 class GRPODataset:
     """A list of ``GRPOItem`` served in seeded shuffled epochs; ``num_generations`` responses per prompt."""
 

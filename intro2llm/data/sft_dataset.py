@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from intro2llm.course import lesson_task
 from intro2llm.data import chat
 
 IGNORE_INDEX = -100
@@ -99,6 +100,7 @@ def _has_target(labels: Sequence[int]) -> bool:
     return any(lab != IGNORE_INDEX for lab in labels[1:])  # label 0 is never a target (nothing precedes it)
 
 
+@lesson_task(10)
 class SFTDataset:
     """Tokenized, masked, truncated (and optionally packed) SFT rows; ``ds[i]`` -> dict of 1-D LongTensors."""
 

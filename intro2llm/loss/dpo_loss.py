@@ -22,9 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from intro2llm.course import lesson_task
+
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 
+@lesson_task(11)
 class DPOLoss(nn.Module):
     """``loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected)`` (each (B,)) → ``(loss, metrics)``."""
 

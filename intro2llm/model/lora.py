@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from intro2llm.course import lesson_task
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -64,6 +66,7 @@ def _is_linear_like(module: nn.Module) -> bool:
     return type(module) is nn.Linear or isinstance(module, Linear4bit)
 
 
+@lesson_task(14)
 class LoRALayer(nn.Module):
     """``base_layer(x) + (alpha / r) · lora_B(lora_A(dropout(x)))`` over a frozen ``nn.Linear`` / ``Linear4bit``."""
 
@@ -175,6 +178,7 @@ def _apply(model: nn.Module, names: list[str], r: int, alpha: float, dropout: fl
         _set_submodule(model, name, LoRALayer(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout))
 
 
+@lesson_task(14)
 def get_lora_model(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                    target_modules: Any = DEFAULT_TARGETS, base_model_name_or_path: str | None = None) -> nn.Module:
     """Freeze every parameter of ``model`` and wrap each linear layer whose last name component is in

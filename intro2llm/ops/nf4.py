@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from intro2llm.course import lesson_task
 from intro2llm.ops import _dispatch
 from intro2llm.ops._checks import check_float, check_same_device
 
@@ -218,6 +219,7 @@ def _check_blocksize(blocksize: int, op: str) -> None:
         raise ValueError(f"{op}: blocksize must be one of {BLOCKSIZES} (bitsandbytes' sizes), got {blocksize}")
 
 
+@lesson_task(14)
 def quantize_tensor(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Weight:
     """Blockwise NF4 quantization of ``w`` (any shape, fp32/bf16/fp16/fp64) → ``NF4Weight`` (bitsandbytes' format).
 
@@ -249,6 +251,7 @@ def _unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)[:n].long()
 
 
+@lesson_task(14)
 def dequantize_tensor(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``NF4Weight`` → tensor of its original shape: ``code[index] * absmax[block]`` in fp32, cast to ``dtype``
     (default: the original dtype). Equals ``bitsandbytes.functional.dequantize_4bit``."""

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from intro2llm import ops
+from intro2llm.course import lesson_task
 from intro2llm.data import chat
 from intro2llm.data.dpo_dataset import DPOBatches, DPODataset, collate
 from intro2llm.data.sft_dataset import IGNORE_INDEX
@@ -38,6 +39,7 @@ from intro2llm.training.sft_trainer import check_max_positions, sharded_eval_dat
 from intro2llm.training.trainer import Trainer, TrainerConfig
 
 
+@lesson_task(11)
 def sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                    weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum over supervised tokens of ``log p(label_{t+1} | tokens_<=t)`` per row: input_ids/labels (R, T) ->
@@ -140,6 +142,7 @@ class DPOTrainer(Trainer):
         c, r = logps.chunk(2)
         return (c, r, *lengths.chunk(2)) if with_lengths else (c, r)
 
+    @lesson_task(11)
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean DPO loss over the micro-batch's pairs; its metrics are kept for the step's log line."""
         pc, pr, len_c, len_r = self._logps(self.model, batch, with_lengths=True)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from intro2llm.course import lesson_task
 from intro2llm.data.grpo_dataset import GRPODataset
 from intro2llm.training.rl import (
     RewardFn,
@@ -57,6 +58,7 @@ def _check_groups(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
     return rewards.view(-1, num_generations)  # (P, G)
 
 
+@lesson_task(13)
 def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: bool = True,
                      eps: float = 1e-4) -> torch.Tensor:
     """(P·G,) rewards → (P·G,) advantages (r − mean_g) / (std_g + eps), or r − mean_g with ``scale_rewards=False``
@@ -69,6 +71,7 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
     return adv.reshape(-1)
 
 
+@lesson_task(13)
 def softmax_group_weights(scores: torch.Tensor, num_generations: int, temperature: float = 1.0) -> torch.Tensor:
     """The outline's weights softmax(s_i / τ) within each group of G: (P·G,) → (P·G,), each group sums to 1."""
     if not temperature > 0:
@@ -77,6 +80,7 @@ def softmax_group_weights(scores: torch.Tensor, num_generations: int, temperatur
     return torch.softmax(g / temperature, dim=1).reshape(-1)
 
 
+@lesson_task(13)
 def compute_grpo_loss(
     logprobs: torch.Tensor,  # (N, T) log π_θ of the sampled tokens
     old_logprobs: torch.Tensor,  # (N, T) log π_old (sampling time)
@@ -219,12 +223,14 @@ class GRPOTrainer:
         self.step = 0
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
 
+    @lesson_task(13)
     def generate_responses(self, prompts: Sequence[str]) -> Rollout:
         c = self.config
         return generate_responses(self.model, prompts, c.num_generations, tokenizer=self.tokenizer,
                                   temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
                                   stop_token_ids=self.stop_token_ids, generator=self.generator, encode=self.encode)
 
+    @lesson_task(13)
     def compute_rewards(self, rollout: Rollout) -> torch.Tensor:
         total, _ = compute_rewards(self.reward_fns, rollout.prompts, rollout.completions, self.reward_weights)
         return total.to(self.device)
@@ -272,6 +278,7 @@ class GRPOTrainer:
                 totals[k] = totals.get(k, 0.0) + w * v if k == "loss" else totals.get(k, 0.0) + v * r.numel() / n_rows
         return totals
 
+    @lesson_task(13)
     def training_step(self, prompts: Sequence[str] | None = None) -> dict[str, float]:
         """One generation batch: rollout, rewards, advantages, ``num_iterations`` × mini-batch updates."""
         c, G = self.config, self.config.num_generations

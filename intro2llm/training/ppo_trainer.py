@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from intro2llm.course import lesson_task
 from intro2llm.training.rl import (
     RewardFn,
     Rollout,
@@ -49,6 +50,7 @@ from intro2llm.training.rl import (
 # ---------------------------------------------------------------------------------------------------------------
 # The formulas
 # ---------------------------------------------------------------------------------------------------------------
+@lesson_task(12)
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
                 lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation over (B, T) response tokens → (advantages, returns), 0 where mask is 0.
@@ -76,6 +78,7 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     return adv, (adv + values) * mask
 
 
+@lesson_task(12)
 def compute_ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                      mask: torch.Tensor, clip_eps: float = 0.2, clip_eps_high: float | None = None
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -104,6 +107,7 @@ def compute_ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advanta
     return loss, stats
 
 
+@lesson_task(12)
 def compute_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                        clip_range: float | None = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """½ E[max((V − R)², (V_clip − R)²)], V_clip = V_old + clip(V − V_old, ±clip_range) (PPO2's value clipping);
@@ -239,6 +243,7 @@ class PPOTrainer:
         return lp, self.value_head(h)  # (N, Tr) each
 
     # -------------------------------------------------------------------------------------------- one step
+    @lesson_task(12)
     def training_step(self, prompts: Sequence[str] | None = None) -> dict[str, float]:
         """Rollout → rewards → GAE → ``ppo_epochs`` × mini-batch updates; returns the step's metrics."""
         c = self.config

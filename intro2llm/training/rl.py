@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from intro2llm import ops
+from intro2llm.course import lesson_task
 from intro2llm.model.causal_lm import sample_next_token
 from intro2llm.model.kv_cache import DynamicKVCache, StaticKVCache
 
@@ -172,6 +173,7 @@ def _select_cache_rows(cache: StaticKVCache, keep: torch.Tensor) -> StaticKVCach
 
 
 @torch.no_grad()
+@lesson_task(12)
 def generate_responses(
     model: torch.nn.Module,
     prompts: Sequence[str] | Sequence[Sequence[int]],
@@ -361,6 +363,7 @@ def _fn_name(fn: Callable) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
 
 
+@lesson_task(12)
 def compute_rewards(
     reward_fns: RewardFn | Sequence[RewardFn],
     prompts: Sequence[str],

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from intro2llm import ops
+from intro2llm.course import lesson_task
 from intro2llm.data import chat
 from intro2llm.data.sft_dataset import IGNORE_INDEX, SFTBatches, SFTDataset, collate
 from intro2llm.training.distributed import DistInfo, init_distributed
@@ -90,6 +91,7 @@ class SFTTrainer(Trainer):
         super().__init__(model, config, data, eval_data=eval_fn, optimizer=optimizer, scheduler=scheduler,
                          dist_info=info)
 
+    @lesson_task(10)
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean cross-entropy over the supervised targets of the micro-batch (fused: no (B, T, V) logits)."""
         labels = batch["labels"]  # (B, T), -100 outside the answers

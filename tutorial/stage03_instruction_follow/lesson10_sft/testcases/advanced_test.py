@@ -115,6 +115,7 @@ def sft_config(**kw):
     return TrainerConfig(**(base | kw))
 
 
+@pytest.mark.task("SFTDataset")
 def test_packed_logits_equal_unpacked(char_tok):
     ds = SFTDataset(rows_from_pairs(synthetic.sft_pairs(6, seed=1)), char_tok, "plain")
     packed = SFTDataset(rows_from_pairs(synthetic.sft_pairs(6, seed=1)), char_tok, "plain", max_length=64,
@@ -142,6 +143,7 @@ def test_packed_logits_equal_unpacked(char_tok):
     assert (row["labels"][starts] == IGNORE_INDEX).all()
 
 
+@pytest.mark.task("SFTDataset")
 def test_packing_changes_the_output_without_segments(char_tok):
     """Control: without segment ids the second sample does see the first one (the test above can fail)."""
     packed = SFTDataset(rows_from_pairs(synthetic.sft_pairs(6, seed=1)), char_tok, "plain", max_length=64,
@@ -156,6 +158,7 @@ def test_packing_changes_the_output_without_segments(char_tok):
     assert not torch.allclose(mixed[second], isolated[second], atol=1e-4)
 
 
+@pytest.mark.task("SFTTrainer.compute_loss", "SFTDataset")
 def test_loss_is_the_mean_over_supervised_tokens_only(char_tok):
     ds = SFTDataset(rows_from_pairs(synthetic.sft_pairs(4, seed=2)), char_tok, "plain")
     batch = collate([ds[i] for i in range(4)], char_tok.eos_token_id)
@@ -174,6 +177,7 @@ def test_loss_is_the_mean_over_supervised_tokens_only(char_tok):
                                                      batch["input_ids"][:, 1:][batch["attention_mask"][:, 1:] == 1]))
 
 
+@pytest.mark.task("SFTTrainer.compute_loss", "SFTDataset")
 def test_right_padding_does_not_change_a_rows_loss(char_tok):
     ds = SFTDataset(rows_from_pairs([("Q: 1+2=?\nA:", " 3\n"), ("Q: 12+34=?\nA:", " 46\n")]), char_tok, "plain")
     model = small_model(char_tok.vocab_size)
@@ -183,6 +187,7 @@ def test_right_padding_does_not_change_a_rows_loss(char_tok):
     torch.testing.assert_close(trainer.compute_loss(short), trainer.compute_loss(padded))
 
 
+@pytest.mark.task("SFTTrainer.compute_loss", "SFTDataset")
 def test_token_weighted_accumulation_equals_one_batch(char_tok):
     """Rows have different numbers of supervised tokens; 4 micro-batches of 1 == 1 batch of 4 (token-weighted)."""
     pairs = [("Q: 1+2=?\nA:", " 3\n"), ("Q: 99*99=?\nA:", " 9801\n"), ("Q: 5-7=?\nA:", " -2\n"),
@@ -196,6 +201,7 @@ def test_token_weighted_accumulation_equals_one_batch(char_tok):
     torch.testing.assert_close(params[0], params[1], atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.task("SFTTrainer.compute_loss", "SFTDataset")
 def test_a_few_sft_steps_lower_the_supervised_loss(char_tok, tmp_path):
     ds = SFTDataset(rows_from_pairs(synthetic.sft_pairs(64, seed=3)), char_tok, "plain", max_length=32,
                     packing=True)

@@ -71,6 +71,7 @@ def test_prompt_ids_are_a_prefix_of_training_ids(tok, name):
     assert not mask[len(prompt) - 1]  # ... and the prompt ends with context
 
 
+@pytest.mark.task("SFTDataset")
 def test_labels_are_ignored_outside_the_answer(tok):
     ds = SFTDataset(rows_from_pairs([("Q: 1+2=?\nA:", " 3\n")]), tok, "plain")
     row = ds[0]
@@ -81,6 +82,7 @@ def test_labels_are_ignored_outside_the_answer(tok):
     assert render_mask(tok, row) == "Q|:| |1|+|2|=|?|\\n|A|:|[[ |3|\\n|<|endoftext|>]]"
 
 
+@pytest.mark.task("SFTDataset")
 def test_truncation_keeps_or_drops_and_counts(tok):
     pairs = [("Q: 12+35=?\nA:", " 47\n"), ("Q: 1+1=?\nA:", " 2\n")]
     lengths = [len(chat.encode_conversation(tok, "plain", m)[0]) for m in rows_from_pairs(pairs)]
@@ -106,6 +108,7 @@ def test_truncation_keeps_or_drops_and_counts(tok):
         SFTDataset(rows_from_pairs(pairs), tok, "plain", max_length=5)
 
 
+@pytest.mark.task("SFTDataset")
 def test_bad_input(tok):
     with pytest.raises(ValueError, match="valid templates: plain, chatml, llama2"):
         chat.get_template("vicuna")

@@ -42,6 +42,22 @@ def test_fused_logprobs_equal_log_softmax_gather():
     torch.testing.assert_close(w.grad, w2.grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.task("sequence_logps")
+def test_sequence_logps_sum_the_supervised_tokens_log_probs(tok):
+    """By hand from the full logits: token t predicts label t + 1; ignored labels add nothing."""
+    model = small_model(tok)
+    ids = torch.randint(0, tok.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[:, :3] = -100  # the prompt
+    labels[1, 6] = -100  # padding
+    logps, counts = sequence_logps(model, ids, labels)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits.double(), -1)  # (2, 7, V)
+    want = [sum(logp[r, t - 1, ids[r, t]].item() for t in range(1, 7) if labels[r, t] != -100) for r in range(2)]
+    assert counts.tolist() == [4, 3]
+    torch.testing.assert_close(logps.double(), torch.tensor(want, dtype=torch.float64), atol=1e-4, rtol=1e-5)
+
+@pytest.mark.task("sequence_logps", "DPODataset")
 def test_one_concatenated_forward_equals_two(tok):
     model = small_model(tok)
     ds = DPODataset(synthetic_triples(4, seed=1), tok)
@@ -59,6 +75,7 @@ def _trainer(tok, tmp_path, **kw):
     return DPOTrainer(small_model(tok), cfg, DPODataset(synthetic_triples(32, seed=2), tok), beta=0.5, **kw)
 
 
+@pytest.mark.task("DPOTrainer.compute_loss", "sequence_logps", "DPOLoss", "DPODataset")
 def test_dpo_raises_the_margin_reference_frozen(tok, tmp_path):
     tr = _trainer(tok, tmp_path / "a")
     before = [p.detach().clone() for p in tr.ref_model.parameters()]
@@ -69,6 +86,7 @@ def test_dpo_raises_the_margin_reference_frozen(tok, tmp_path):
     assert not tr.ref_model.training and not any(p.requires_grad for p in tr.ref_model.parameters())
 
 
+@pytest.mark.task("DPOTrainer.compute_loss", "DPODataset")
 def test_precomputed_reference_gives_the_same_step(tok, tmp_path):
     a = _trainer(tok, tmp_path / "b").train_step(next(iter(_trainer(tok, tmp_path / "x").train_data)))
     pre = _trainer(tok, tmp_path / "c", precompute_ref=True)

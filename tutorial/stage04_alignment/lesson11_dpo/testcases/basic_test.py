@@ -15,6 +15,7 @@ def t(*xs):
     return torch.tensor(xs, dtype=torch.float64)
 
 
+@pytest.mark.task("DPOLoss")
 def test_dpo_loss_is_bradley_terry_on_implicit_rewards():
     # r = β (log π - log π_ref): chosen 0.2 (−1 − −3 = 2, β = 0.1), rejected −0.1; P(chosen ≻ rejected) = σ(0.3)
     loss, m = DPOLoss(beta=0.1)(t(-1.0), t(-4.0), t(-3.0), t(-3.0))
@@ -23,6 +24,7 @@ def test_dpo_loss_is_bradley_terry_on_implicit_rewards():
     assert m["rewards/margins"] == pytest.approx(0.3) and m["rewards/accuracies"] == 1.0
 
 
+@pytest.mark.task("DPOLoss")
 def test_gradient_is_weighted_by_how_wrong_the_model_is():
     # dL/d log π(y_w) = −β σ(−βδ): a pair already ranked right (δ large) gets almost no gradient
     grads = []
@@ -34,12 +36,14 @@ def test_gradient_is_weighted_by_how_wrong_the_model_is():
     assert abs(grads[0]) > abs(grads[1]) > abs(grads[2])
 
 
+@pytest.mark.task("DPOLoss")
 def test_policy_equal_to_reference_gives_log2():
     loss, m = DPOLoss(beta=0.3)(t(-2.0, -7.0), t(-5.0, -1.0), t(-2.0, -7.0), t(-5.0, -1.0))
     assert loss.item() == pytest.approx(math.log(2))
     assert m["rewards/margins"] == 0.0 and m["rewards/accuracies"] == 0.0  # ties are not "correct", as in TRL
 
 
+@pytest.mark.task("DPOLoss")
 def test_label_smoothing_is_cdpo():
     eps, z = 0.1, 0.5  # z = βδ
     loss, _ = DPOLoss(beta=0.5, label_smoothing=eps)(t(1.0), t(0.0), t(0.0), t(0.0))
@@ -47,6 +51,7 @@ def test_label_smoothing_is_cdpo():
     assert loss.item() == pytest.approx(-(1 - eps) * logsig(z) - eps * logsig(-z))
 
 
+@pytest.mark.task("DPOLoss")
 def test_ipo_targets_a_finite_margin():
     # IPO: (δ̄ − 1/(2β))², zero exactly at δ̄ = 1/(2β) = 5 for β = 0.1, and it grows again past it (no run-away)
     zero, _ = DPOLoss(beta=0.1, loss_type="ipo")(t(5.0), t(0.0), t(0.0), t(0.0))
@@ -57,6 +62,7 @@ def test_ipo_targets_a_finite_margin():
     assert per_token.item() == pytest.approx(0.0)  # 10 over 2 tokens = 5 per token
 
 
+@pytest.mark.task("DPODataset")
 def test_dataset_masks_the_prompt_and_shares_it():
     tok = synthetic_tokenizer(["Q: 12+35=?\nA: 47\n"])
     ds = DPODataset([{"prompt": "Q: 12+35=?\nA:", "chosen": " 47\n", "rejected": " 57\n"}], tok)
@@ -66,6 +72,7 @@ def test_dataset_masks_the_prompt_and_shares_it():
     assert (row["chosen_labels"][:n] == -100).all() and (row["chosen_labels"][n:] != -100).all()
 
 
+@pytest.mark.task("DPODataset", "DPOLoss")
 def test_bad_input_is_an_error():
     tok = synthetic_tokenizer(["Q: 1+1=?\nA: 2\n"])
     with pytest.raises(ValueError, match="chosen equals rejected"):

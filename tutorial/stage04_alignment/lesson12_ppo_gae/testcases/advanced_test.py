@@ -10,7 +10,7 @@ from intro2llm.data.prepare import synthetic_tokenizer
 from intro2llm.data.synthetic import pretrain_documents
 from intro2llm.model import CausalLM, ModelConfig
 from intro2llm.training.ppo_trainer import PPOConfig, PPOTrainer
-from intro2llm.training.rl import response_logprobs
+from intro2llm.training.rl import RewardError, compute_rewards, generate_responses, response_logprobs
 
 PROMPTS = ["Q: 1+2=?\nA:", "Q: 12+30=?\nA:", "Q: 7+7=?\nA:", "Q: 45+5=?\nA:"]
 
@@ -36,6 +36,7 @@ def p_first(model, tok, char):
     return torch.stack(probs).mean().item()
 
 
+@pytest.mark.task("PPOTrainer.training_step", "generate_responses", "compute_rewards")
 def test_ppo_learns_a_toy_reward():
     model, tok = setup()
     before = p_first(model, tok, "7")
@@ -53,6 +54,7 @@ def test_ppo_learns_a_toy_reward():
     assert p_first(tr.ref_model, tok, "7") == pytest.approx(before)
 
 
+@pytest.mark.task("PPOTrainer.training_step")
 def test_value_head_reads_the_policy_trunk_and_learns_the_return():
     model, tok = setup(1)
     cfg = PPOConfig(prompts_per_step=4, samples_per_prompt=4, max_new_tokens=2, lr=1e-2, kl_coef=0.0,
@@ -66,6 +68,7 @@ def test_value_head_reads_the_policy_trunk_and_learns_the_return():
     assert h.shape[-1] == model.config.hidden_size  # one forward gives log-probs and the values' input
 
 
+@pytest.mark.task("PPOTrainer.training_step")
 def test_trainer_state_round_trip():
     model, tok = setup(2)
     cfg = PPOConfig(prompts_per_step=2, samples_per_prompt=2, max_new_tokens=2, target_kl=0.01, seed=3)
@@ -90,3 +93,38 @@ def test_bad_config():
         PPOTrainer(model, tok, seven_first, PROMPTS, PPOConfig(clip_eps=0.0))
     with pytest.raises(ValueError, match="no prompts"):
         PPOTrainer(model, tok, seven_first, [], PPOConfig())
+
+
+@pytest.mark.task("generate_responses")
+def test_sampled_responses_stop_and_carry_their_own_log_probs():
+    """P·n rows, prompt i // n; the mask ends at the stop token; old_logprobs are the sampling policy's, i.e. what
+    one forward of prompt + response gives back."""
+    model, tok = setup(4)
+    stop = tok.encode("\n")[0]
+    ro = generate_responses(model, PROMPTS[:2], 3, tokenizer=tok, max_new_tokens=6, stop_token_ids=[stop],
+                            generator=torch.Generator().manual_seed(0))
+    assert ro.response_ids.shape[0] == 6 and ro.prompts == [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3
+    assert ro.response_ids.shape[1] <= 6 and len(ro.completions) == 6
+    for ids, m in zip(ro.response_ids.tolist(), ro.response_mask.tolist()):
+        n = int(sum(m))
+        assert n >= 1 and all(x == 1.0 for x in m[:n]) and all(x == 0.0 for x in m[n:])
+        stops = [j for j in range(n) if ids[j] in (stop, tok.eos_token_id)]
+        assert stops in ([], [n - 1])  # nothing sampled after the stop token
+    assert ro.old_logprobs.shape == ro.response_mask.shape and (ro.old_logprobs[ro.response_mask == 0] == 0).all()
+    torch.testing.assert_close(response_logprobs(model, ro), ro.old_logprobs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.task("compute_rewards")
+def test_rewards_are_the_weighted_sum_and_bad_values_are_named():
+    length = lambda prompts, completions: [len(c) for c in completions]  # noqa: E731
+    ones = lambda prompts, completions: [1.0] * len(completions)  # noqa: E731
+    total, per_fn = compute_rewards([length, ones], ["a", "b"], ["xyz", "z"], [0.5, 2.0])
+    assert per_fn.tolist() == [[3.0, 1.0], [1.0, 1.0]] and total.tolist() == [3.5, 2.5]
+
+    def broken(prompts, completions):
+        return [float("nan")] * len(completions)
+
+    with pytest.raises(RewardError, match="broken"):
+        compute_rewards([length, broken], ["a"], ["b"])
+    with pytest.raises(RewardError, match="returned 1 values for 2"):
+        compute_rewards(lambda p, c: [0.0], ["a", "b"], ["c", "d"])

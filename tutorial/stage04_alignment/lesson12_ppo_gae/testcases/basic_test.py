@@ -20,6 +20,7 @@ def gae_loop(r, v, gamma, lam):
     return adv
 
 
+@pytest.mark.task("compute_gae")
 def test_gae_lambda_zero_is_the_td_error():
     r = torch.tensor([[0.0, 0.5, 1.0]])
     v = torch.tensor([[0.2, 0.4, 0.3]])
@@ -29,6 +30,7 @@ def test_gae_lambda_zero_is_the_td_error():
     torch.testing.assert_close(ret, delta + v)
 
 
+@pytest.mark.task("compute_gae")
 def test_gae_lambda_one_is_return_minus_value():
     r = torch.tensor([[0.1, -0.2, 0.0, 1.0]])
     v = torch.tensor([[0.5, 0.1, 0.7, 0.2]])
@@ -39,6 +41,7 @@ def test_gae_lambda_one_is_return_minus_value():
 
 
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.5)])
+@pytest.mark.task("compute_gae")
 def test_gae_stops_at_the_end_of_each_response(gamma, lam):
     torch.manual_seed(0)
     r, v = torch.randn(3, 6), torch.randn(3, 6)
@@ -53,6 +56,7 @@ def test_gae_stops_at_the_end_of_each_response(gamma, lam):
         assert (adv[i, n:] == 0).all() and (ret[i, n:] == 0).all()
 
 
+@pytest.mark.task("compute_ppo_loss")
 def test_ppo_loss_at_ratio_one_is_minus_mean_advantage():
     lp = torch.log(torch.rand(4, 5))
     adv = torch.randn(4, 5)
@@ -63,6 +67,7 @@ def test_ppo_loss_at_ratio_one_is_minus_mean_advantage():
     assert stats["clip_frac"] == 0 and stats["approx_kl"] == 0
 
 
+@pytest.mark.task("compute_ppo_loss")
 def test_zero_gradient_where_the_ratio_is_clipped_on_the_advantages_side():
     old = torch.zeros(4)
     # ratio 1.5 with A > 0 (clipped), 0.5 with A < 0 (clipped), 0.5 with A > 0 and 1.5 with A < 0 (not clipped)
@@ -75,6 +80,7 @@ def test_zero_gradient_where_the_ratio_is_clipped_on_the_advantages_side():
     assert stats["clip_frac"] == pytest.approx(0.5)
 
 
+@pytest.mark.task("compute_value_loss")
 def test_value_clipping_by_hand():
     v_old = torch.tensor([[0.0, 0.0]])
     v = torch.tensor([[1.0, 0.1]])
@@ -96,6 +102,7 @@ def test_adaptive_kl_coefficient_moves_toward_the_target():
     assert fixed.value == 0.1
 
 
+@pytest.mark.task("compute_ppo_loss", "compute_value_loss", "compute_gae")
 def test_gradcheck_fp64():
     torch.manual_seed(0)
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
@@ -111,6 +118,7 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradcheck(lambda a, b: compute_gae(a, b, mask, 0.99, 0.9), (r, vals))
 
 
+@pytest.mark.task("compute_ppo_loss", "compute_gae")
 def test_bad_input():
     x = torch.zeros(1, 2)
     with pytest.raises(ValueError, match="clip_eps must be > 0"):

@@ -33,6 +33,8 @@ def p_first(model, tok, char):
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "softmax_weighted"])
+@pytest.mark.task("GRPOTrainer.training_step", "GRPOTrainer.generate_responses", "GRPOTrainer.compute_rewards",
+                  "GRPODataset")
 def test_grpo_learns_a_toy_reward(loss_type):
     model, tok = setup()
     before = p_first(model, tok, "7")
@@ -46,6 +48,7 @@ def test_grpo_learns_a_toy_reward(loss_type):
     assert 0 <= m["frac_reward_zero_std"] <= 1 and m["response_length"] <= 2
 
 
+@pytest.mark.task("GRPOTrainer.training_step")
 def test_beta_loads_a_frozen_reference_and_reports_k3_kl():
     model, tok = setup(1)
     cfg = GRPOConfig(prompts_per_step=4, num_generations=4, max_new_tokens=2, lr=1e-2, beta=0.1, num_iterations=2)
@@ -55,6 +58,7 @@ def test_beta_loads_a_frozen_reference_and_reports_k3_kl():
     assert kls[0] >= 0 and kls[-1] > 0  # k3 >= 0; positive once the policy has moved
 
 
+@pytest.mark.task("GRPOTrainer.training_step")
 def test_tied_group_grpo_does_nothing_softmax_weighted_still_moves():
     """All rewards equal: GRPO's advantages are 0 (no update); the outline's softmax weights are all 1/G > 0, so
     its loss still raises the likelihood of every sampled response (it is reward-weighted SFT on own samples)."""
@@ -69,6 +73,7 @@ def test_tied_group_grpo_does_nothing_softmax_weighted_still_moves():
         assert changed == moves, loss_type
 
 
+@pytest.mark.task("GRPOTrainer.compute_rewards")
 def test_reward_errors_surface():
     from intro2llm.training.rl import RewardError
 

@@ -8,6 +8,7 @@ from intro2llm.data.grpo_dataset import GRPODataset
 from intro2llm.training.grpo_trainer import compute_grpo_loss, group_advantages, softmax_group_weights
 
 
+@pytest.mark.task("group_advantages")
 def test_group_advantages_by_hand():
     r = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.1, 0.1, 0.1, 0.4])
     a = group_advantages(r, 4)
@@ -16,6 +17,7 @@ def test_group_advantages_by_hand():
     torch.testing.assert_close(group_advantages(r, 4, scale_rewards=False)[4:], torch.tensor([-0.075] * 3 + [0.225]))
 
 
+@pytest.mark.task("group_advantages")
 def test_group_advantages_invariant_to_a_constant_per_group():
     torch.manual_seed(0)
     r = torch.rand(12)
@@ -25,6 +27,7 @@ def test_group_advantages_invariant_to_a_constant_per_group():
                                group_advantages(r, 4, scale_rewards=False), atol=1e-5, rtol=0)
 
 
+@pytest.mark.task("group_advantages", "compute_grpo_loss")
 def test_all_equal_rewards_give_zero_advantages_not_nan():
     a = group_advantages(torch.tensor([0.1, 0.1, 0.1, 1.0, 1.0, 1.0]), 3)
     assert torch.isfinite(a).all() and (a == 0).all()
@@ -35,6 +38,7 @@ def test_all_equal_rewards_give_zero_advantages_not_nan():
     assert loss.item() == 0 and (lp.grad == 0).all()
 
 
+@pytest.mark.task("softmax_group_weights")
 def test_softmax_weights_sum_to_one_per_group_and_follow_the_reward():
     s = torch.tensor([0.0, 1.0, 2.0, 5.0, 5.0, 5.0])
     w = softmax_group_weights(s, 3)
@@ -45,6 +49,7 @@ def test_softmax_weights_sum_to_one_per_group_and_follow_the_reward():
     assert sharp[2] > 0.999  # τ → 0: all the weight on the best response
 
 
+@pytest.mark.task("compute_grpo_loss")
 def test_grpo_loss_at_ratio_one():
     torch.manual_seed(1)
     lp = torch.log(torch.rand(4, 5))
@@ -59,6 +64,7 @@ def test_grpo_loss_at_ratio_one():
     assert dr.item() == pytest.approx(-(adv * mask.sum(1)).sum().item() / (4 * 10))
 
 
+@pytest.mark.task("softmax_group_weights", "compute_grpo_loss")
 def test_softmax_weighted_loss_by_hand():
     lp = torch.log(torch.rand(4, 3)).requires_grad_(True)
     mask = torch.tensor([[1.0, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]])
@@ -71,6 +77,7 @@ def test_softmax_weighted_loss_by_hand():
     torch.testing.assert_close(lp.grad, -(w[:, None] * mask) / 2)  # every sampled token is pushed up
 
 
+@pytest.mark.task("compute_grpo_loss")
 def test_clip_higher_keeps_the_gradient_between_the_two_bounds():
     old = torch.zeros(1, 1)
     lp = torch.log(torch.tensor([[1.25]])).requires_grad_(True)  # ratio 1.25: above 1 + 0.2, below 1 + 0.28
@@ -84,6 +91,7 @@ def test_clip_higher_keeps_the_gradient_between_the_two_bounds():
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "softmax_weighted"])
+@pytest.mark.task("compute_grpo_loss", "group_advantages", "softmax_group_weights")
 def test_gradcheck_fp64(loss_type):
     torch.manual_seed(0)
     mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.float64)
@@ -100,6 +108,7 @@ def test_gradcheck_fp64(loss_type):
     assert torch.autograd.gradcheck(f, (lp,))
 
 
+@pytest.mark.task("group_advantages", "GRPODataset", "compute_grpo_loss")
 def test_bad_input():
     with pytest.raises(ValueError, match=r"G\) must be an int >= 2"):
         group_advantages(torch.zeros(3), 1)
@@ -112,3 +121,19 @@ def test_bad_input():
         compute_grpo_loss(x, x, torch.zeros(2), torch.ones(2, 2), epsilon_low=0.0)
     with pytest.raises(ValueError, match="unknown loss_type"):
         compute_grpo_loss(x, x, torch.zeros(2), torch.ones(2, 2), loss_type="ppo")
+
+
+@pytest.mark.task("GRPODataset")
+def test_dataset_serves_seeded_epochs_groups_and_resumes():
+    items = [("Q: 1+1=?\nA:", " 2"), "Q: 2+2=?\nA:", ("Q: 3+3=?\nA:", " 6")]
+    ds = GRPODataset(items, num_generations=3, seed=7)
+    assert len(ds) == 3 and ds[0].answer == " 2" and ds[1].answer is None
+    epoch0 = [it.prompt for it in ds.next_prompts(3)]
+    assert sorted(epoch0) == sorted(it if isinstance(it, str) else it[0] for it in items)  # each prompt once
+    state = ds.state_dict()
+    nxt = [it.prompt for it in ds.next_prompts(4)]  # crosses into epoch 2
+    again = GRPODataset(items, num_generations=3, seed=7)
+    again.load_state_dict(state)
+    assert [it.prompt for it in again.next_prompts(4)] == nxt and again.state_dict() == ds.state_dict()
+    rows = ds.repeat(ds.next_prompts(2))
+    assert len(rows) == 6 and rows[0] is rows[1] is rows[2] and rows[3] is rows[5]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from torch import nn
 
@@ -44,6 +45,7 @@ def train(m, steps=25, lr=1e-2):
     return losses
 
 
+@pytest.mark.task("get_lora_model", "LoRALayer")
 def test_lora_trains_only_adapters_and_lowers_the_loss():
     m = get_lora_model(model(), r=4, alpha=8)
     base = {k: v.clone() for k, v in m.state_dict().items() if ".lora_" not in k}
@@ -54,6 +56,7 @@ def test_lora_trains_only_adapters_and_lowers_the_loss():
     assert all(torch.equal(v, base[k]) for k, v in m.state_dict().items() if ".lora_" not in k)
 
 
+@pytest.mark.task("quantize_tensor", "get_lora_model", "LoRALayer")
 def test_qlora_trains_over_4bit_weights_within_storage_targets():
     m = prepare_qlora_model(model(), double_quant=True)
     assert quantized_weight_report(m)["ratio"] <= 0.26
@@ -66,6 +69,7 @@ def test_qlora_trains_over_4bit_weights_within_storage_targets():
     assert torch.equal(m.layers[0].mlp.up_proj.base_layer.nf4_packed, codes)
 
 
+@pytest.mark.task("get_lora_model", "LoRALayer")
 def test_adapters_saved_in_peft_layout_load_back(tmp_path):
     m = get_lora_model(model(), r=4, alpha=8, target_modules=("q_proj", "v_proj"))
     train(m, steps=5)
@@ -79,6 +83,7 @@ def test_adapters_saved_in_peft_layout_load_back(tmp_path):
         torch.testing.assert_close(fresh(ids).logits, m(ids).logits)
 
 
+@pytest.mark.task("get_lora_model", "LoRALayer")
 def test_merge_for_inference_and_generate_on_a_quantized_model():
     m = get_lora_model(model(), r=4, alpha=8)
     train(m, steps=5)

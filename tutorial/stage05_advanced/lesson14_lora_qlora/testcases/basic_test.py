@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from intro2llm.model.lora import LoRALayer, trainable_parameter_report
-from intro2llm.ops.nf4 import NF4_CODE, dequantize_tensor, quantize_tensor
+from intro2llm.ops.nf4 import NF4_CODE, NF4Weight, dequantize_tensor, quantize_tensor
 
 
+@pytest.mark.task("LoRALayer")
 def test_compression_example_is_256x():
     # a 4096 x 4096 projection with a rank-8 adapter; the meta device counts parameters without allocating them
     layer = LoRALayer(nn.Linear(4096, 4096, bias=False, device="meta"), r=8, alpha=16)
@@ -20,6 +21,7 @@ def test_compression_example_is_256x():
     assert (rep.total - rep.trainable) // rep.trainable == 256  # 256x, not 250x
 
 
+@pytest.mark.task("LoRALayer")
 def test_lora_forward_by_hand():
     # W0 = I (2x2), A = [1, 1] (r = 1), B = [[1], [0]], alpha = 2 → scaling 2: h = x + 2·B(A x)
     base = nn.Linear(2, 2, bias=False)
@@ -33,6 +35,7 @@ def test_lora_forward_by_hand():
     assert torch.equal(layer.delta_weight(), torch.tensor([[2.0, 2.0], [0.0, 0.0]]))
 
 
+@pytest.mark.task("LoRALayer")
 def test_zero_b_means_the_model_starts_unchanged_and_merge_is_exact():
     torch.manual_seed(0)
     layer = LoRALayer(nn.Linear(32, 16), r=4, alpha=8)
@@ -62,6 +65,16 @@ def test_nf4_is_built_from_normal_quantiles():
     assert NF4_CODE[8] - NF4_CODE[7] < 0.3 * (NF4_CODE[15] - NF4_CODE[14])
 
 
+@pytest.mark.task("dequantize_tensor")
+def test_dequantize_hand_packed_codes():
+    """Codes 0, 15 | 7, 8 | 3 in two blocks of 4 (absmax 2 and 0.5), high nibble first, odd length padded."""
+    q = NF4Weight(packed=torch.tensor([0x0F, 0x78, 0x30], dtype=torch.uint8), absmax=torch.tensor([2.0, 0.5]),
+                  shape=torch.Size([5]), dtype=torch.float32, blocksize=4)
+    want = [2.0 * NF4_CODE[0], 2.0 * NF4_CODE[15], 2.0 * NF4_CODE[7], 2.0 * NF4_CODE[8], 0.5 * NF4_CODE[3]]
+    torch.testing.assert_close(dequantize_tensor(q), torch.tensor(want))
+    assert dequantize_tensor(q, torch.bfloat16).dtype == torch.bfloat16
+
+@pytest.mark.task("quantize_tensor", "dequantize_tensor")
 def test_blockwise_quantize_by_hand():
     # one block of 64 values: absmax 2.0, each value 2·code[i % 16] is exactly representable → exact round trip
     code = torch.tensor(NF4_CODE)
@@ -78,6 +91,7 @@ def test_blockwise_quantize_by_hand():
     assert back[1].item() == pytest.approx(NF4_CODE[8])  # 0.1 → 0.0796 (nearest of 0.0796 and 0.1609)
 
 
+@pytest.mark.task("quantize_tensor", "dequantize_tensor")
 def test_double_quant_stores_absmax_in_8_bits():
     torch.manual_seed(0)
     w = torch.randn(256 * 64)
