@@ -22,6 +22,7 @@ _COMMAND_MODULES = (
     "intro2llm.model.chat_cli",
     "intro2llm.bench_cli",
     "intro2llm.pipeline.cli",
+    "intro2llm.course.cli",
 )
 
 
