@@ -10,6 +10,7 @@ our greedy generations, and our own readers must still read directories written 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import sysconfig
@@ -42,7 +43,9 @@ def _stdlib_text(chars: int) -> str:
         return f.read()[:chars]
 
 
+@functools.cache
 def _tokenizers():
+    """Built on first use (not at collection time); tests copy before they change one."""
     docs = list(synthetic.pretrain_documents(300, seed=0))
     corpus = _stdlib_text(30_000) + " é ü 漢字 🙂 "
     return {
@@ -53,7 +56,7 @@ def _tokenizers():
     }
 
 
-TOKENIZERS = _tokenizers()
+TOKENIZER_NAMES = ["char-synthetic", "char-bpe", "char-bpe-cl100k", "byte-level"]
 
 
 def _ids(enc):
@@ -61,11 +64,11 @@ def _ids(enc):
 
 
 @pytest.mark.parametrize("template", [None, "chatml"])
-@pytest.mark.parametrize("name", list(TOKENIZERS))
+@pytest.mark.parametrize("name", TOKENIZER_NAMES)
 def test_auto_tokenizer_gives_our_ids_and_text(tmp_path, name, template):
     from transformers import AutoTokenizer
 
-    tok = TOKENIZERS[name]
+    tok = _tokenizers()[name]
     if template is not None:
         tok = copy.deepcopy(tok)
         assert chat.ensure_special_tokens(tok, template)  # <|im_start|>, <|im_end|> appended
@@ -99,7 +102,7 @@ def test_auto_tokenizer_gives_our_ids_and_text(tmp_path, name, template):
 
 def test_old_directories_still_load(tmp_path):
     """Before the Hugging Face export, our own format was written under the name ``tokenizer.json``."""
-    tok = TOKENIZERS["char-bpe"]
+    tok = _tokenizers()["char-bpe"]
     tok.save(tmp_path / "tokenizer.json")
     back = load_tokenizer(tmp_path)
     assert back.encode(TEXTS[4]) == tok.encode(TEXTS[4]) and back.roles == tok.roles
@@ -124,7 +127,7 @@ def _tiny_model(vocab_size: int, eos: int) -> CausalLM:
 def test_auto_model_greedy_generation_matches_ours(tmp_path, template):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = copy.deepcopy(TOKENIZERS["char-synthetic"])
+    tok = copy.deepcopy(_tokenizers()["char-synthetic"])
     chat.ensure_special_tokens(tok, template)
     model = _tiny_model(tok.vocab_size, tok.eos_token_id)
     export_model(model, tmp_path, tok, template=template)
@@ -146,3 +149,28 @@ def test_auto_model_greedy_generation_matches_ours(tmp_path, template):
         cut = next((i + 1 for i, t in enumerate(ours) if t in stops), len(ours))  # HF stops at its eos ids
         assert theirs == ours[:cut]
         assert hf_tok.decode(theirs) == tok.decode(ours[:cut])
+
+
+def test_train_command_output_loads_in_transformers(tmp_path):
+    """The directory ``intro2llm train`` writes (the pipeline's pretrain stage) is a Hugging Face checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from intro2llm.cli import main
+
+    cfg = tmp_path / "micro.json"
+    cfg.write_text(json.dumps({"vocab_size": 8, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--steps", "2", "--batch-size", "4",
+                 "--seq-len", "16", "--synthetic-docs", "300", "--no-progress", "--no-tensorboard", "--precision",
+                 "fp32", "--accuracy-samples", "0", "--warmup", "1"]) == 0
+    for name in ("intro2llm_tokenizer.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / name).is_file(), name
+    ours_tok, ours = load_tokenizer(out), CausalLM.from_pretrained(out).eval()
+    hf_tok, hf = AutoTokenizer.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out).eval()
+    prompt = "Q: 12+35=?\nA:"
+    ids = hf_tok(prompt)["input_ids"]
+    assert ids == ours_tok.encode(prompt)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(torch.tensor([ids])).logits, ours(torch.tensor([ids])).logits,
+                                   rtol=1e-4, atol=1e-4)
