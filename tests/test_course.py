@@ -228,6 +228,27 @@ def test_workspace_grades_tasks_then_the_learner_implements_them(tmp_path, capsy
     assert (dest / "notes.txt").read_text() == "mine" and "NotImplementedError" in nf4.read_text()
 
 
+@needs_checkout
+def test_include_kernels_blanks_marked_triton_functions_only_when_asked(tmp_path, monkeypatch):
+    kern = tmp_path / "kernels"
+    kern.mkdir()
+    (kern / "__init__.py").write_text("")
+    (kern / "demo.py").write_text(
+        "from intro2llm.course import lesson_task\n\n\n@lesson_task(15)\ndef demo_fwd(x):\n    return x\n")
+    monkeypatch.setattr(ws, "kernels_dir", lambda: kern)
+    src = _fake_checkout(tmp_path / "checkout")
+    kept = ws.init_workspace(tmp_path / "a", [14], source=src, link_binaries=True)
+    assert (tmp_path / "a/intro2llm/kernels/demo.py").read_text() == (kern / "demo.py").read_text()
+    assert "demo_fwd" in [t["name"] for t in kept["tasks"] if t["kernel"] and not t["blanked"]]
+    src15 = src / "tutorial" / "stage05_advanced" / "lesson15_demo"
+    (src15 / "testcases").mkdir(parents=True)
+    blanked = ws.init_workspace(tmp_path / "b", [15], source=src, include_kernels=True, link_binaries=True)
+    assert "raise NotImplementedError('lesson 15: implement demo_fwd" in (
+        tmp_path / "b/intro2llm/kernels/demo.py").read_text()
+    assert "demo_fwd" in [t["name"] for t in ws.lesson_tasks(blanked, 15)]
+    assert "demo_fwd" not in [t["name"] for t in ws.lesson_tasks(kept, 15)]
+
+
 def _check_lesson(n: int, root: Path) -> list[str]:
     """Problems of lesson ``n``'s course check (empty list: fine)."""
     dest = root / f"lesson{n:02d}"

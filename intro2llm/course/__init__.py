@@ -46,7 +46,9 @@ def lesson_task(lesson: int, name: str | None = None) -> Callable[[F], F]:
         raise ValueError(f"lesson_task: lesson must be an int in 1..15, got {lesson!r}")
 
     def mark(fn: F) -> F:
-        task = Task(lesson, name or fn.__qualname__, fn.__module__, fn.__qualname__)
+        inner = getattr(fn, "fn", fn)  # a @triton.jit kernel keeps the Python function in .fn
+        qualname = getattr(fn, "__qualname__", None) or getattr(inner, "__qualname__", repr(fn))
+        task = Task(lesson, name or qualname, getattr(inner, "__module__", "?"), qualname)
         TASKS.setdefault(lesson, []).append(task)
         return fn
 

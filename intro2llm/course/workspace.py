@@ -414,6 +414,7 @@ def run_tests(workdir: Path, paths: list[str], *, only_tasks: bool = False, extr
     fd, report = tempfile.mkstemp(prefix="course-report-", suffix=".json")
     os.close(fd)
     env = dict(os.environ)
+    workdir = Path(workdir).resolve()
     env["PYTHONPATH"] = str(workdir) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["INTRO2LLM_COURSE_REPORT"] = report
     env.pop("PYTHONSAFEPATH", None)

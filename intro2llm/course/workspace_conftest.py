@@ -10,14 +10,14 @@ without the first point).
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.realpath(__file__))
 _loaded = sys.modules.get("intro2llm")
-if _loaded is not None and not os.path.abspath(_loaded.__file__).startswith(HERE + os.sep):
+if _loaded is not None and not os.path.realpath(_loaded.__file__).startswith(HERE + os.sep):
     raise RuntimeError(f"intro2llm was imported from {_loaded.__file__} before the workspace {HERE}: run pytest "
                        "from the workspace (or `intro2llm course test N --dir DIR`)")
-sys.path[:] = [HERE] + [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
+sys.path[:] = [HERE] + [p for p in sys.path if os.path.realpath(p or os.curdir) != HERE]
 os.environ["PYTHONPATH"] = os.pathsep.join([HERE] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                                                      if p and os.path.abspath(p) != HERE])
+                                                      if p and os.path.realpath(p) != HERE])
 os.environ["PYTHONSAFEPATH"] = "1"  # a child's working directory never shadows PYTHONPATH
 
 import torch  # noqa: E402
