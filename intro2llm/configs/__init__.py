@@ -1,6 +1,10 @@
 """Named model presets: ``get_config("tiny")`` returns a fresh ``ModelConfig``.
 
-``tiny`` (≈10.5M parameters) and ``small`` (≈33M) are the course's trainable models (CPU-sized); the
+``tiny`` (≈6.3M parameters with the synthetic tokenizer's ~25 ids; 10.5M with an 8192 vocabulary) and ``small``
+(≈33M) are the course's trainable models (CPU-sized); ``nano`` (2 layers, width 128: ≈0.4M parameters with the
+synthetic tokenizer) is the default of ``intro2llm train``: the size at which the pipeline's pretrain → SFT → RL
+reaches its 2-digit-addition targets in minutes on 2 CPU cores (a deeper/wider model learns no faster per example
+on that task and costs more per step; see lesson 10's figures); the
 ``llama2_7b``, ``llama3_8b``, ``llama3_1_8b`` and ``qwen2_0_5b`` presets copy the published shapes of those
 models for ``intro2llm model-info`` / ``intro2llm.model.analysis`` (parameter, FLOP and memory arithmetic) —
 instantiating them needs tens of GB of memory. ``gpt_style`` is the GPT-2-like variant of the early lessons
@@ -15,6 +19,8 @@ from typing import Any
 from intro2llm.model.config import ModelConfig
 
 _PRESETS: dict[str, dict[str, Any]] = {
+    "nano": dict(vocab_size=8192, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
     "tiny": dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024),
     "small": dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,

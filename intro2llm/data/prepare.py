@@ -40,16 +40,18 @@ def synthetic_tokenizer(docs: list[str]) -> Any:
                      min_frequency=1)
 
 
-def prepare_synthetic(data_dir: Any, num_train: int = 50_000, num_val: int = 1_000, seed: int = 0) -> Any:
+def prepare_synthetic(data_dir: Any, num_train: int = 50_000, num_val: int = 1_000, seed: int = 0,
+                      config: Any = None) -> Any:
     """Arithmetic documents (``intro2llm.data.synthetic``) → tokenizer + ``train``/``val`` shards. Returns the
     tokenizer. Validation problems come from another seed (a few may coincide with training ones: with 1-2 digit
-    operands there are only ~30k distinct problems)."""
+    operands there are only ~30k distinct problems). ``config``: a ``synthetic.SyntheticConfig`` (the mix: e.g.
+    ``ops=("+", "+", "-", "*")`` draws half additions); None = its defaults."""
     from intro2llm.data import synthetic
     from intro2llm.data.pretrain_dataset import write_shards
 
     data_dir = Path(data_dir)
-    train_docs = list(synthetic.pretrain_documents(num_train, seed=seed))
-    val_docs = list(synthetic.pretrain_documents(num_val, seed=seed + 1_000_000))
+    train_docs = list(synthetic.pretrain_documents(num_train, seed=seed, config=config))
+    val_docs = list(synthetic.pretrain_documents(num_val, seed=seed + 1_000_000, config=config))
     tok = synthetic_tokenizer(train_docs + val_docs)
     write_shards(train_docs, tok, data_dir / "train")
     write_shards(val_docs, tok, data_dir / "val")

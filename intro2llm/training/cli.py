@@ -1,6 +1,7 @@
 """``intro2llm train``: pretrain a ``CausalLM`` from the command line (also under ``torchrun ... -m intro2llm train``).
 
-    intro2llm train --config tiny --data synthetic --out runs/tiny        # the README's first run (~3 min on 2 cores)
+    intro2llm train --data synthetic --out runs/nano                       # the defaults: nano preset, arithmetic mix
+    intro2llm train --config tiny --data synthetic --out runs/tiny        # the 6M tiny preset (slower to learn)
     intro2llm train --config tiny --data stdlib --steps 2000 --out runs/py
     intro2llm train --data PATH --out DIR                                  # a shard dir (index.json) or text file/dir
     intro2llm train --out runs/tiny --resume                               # continue from the newest checkpoint
@@ -33,18 +34,22 @@ if TYPE_CHECKING:
     from intro2llm.training.distributed import DistInfo
 
 # Defaults tuned so that `intro2llm train` (tiny model, synthetic arithmetic) fits in ~3 minutes on 2 CPU cores.
-DEFAULTS = dict(steps=600, batch_size=16, seq_len=64, lr=3e-3, warmup=30)
+DEFAULTS = dict(config="nano", steps=400, batch_size=16, seq_len=64, lr=3e-3, warmup=30)
+# The --data synthetic pretraining mix: arithmetic with operations drawn uniformly from this tuple (a repeated
+# operation weighs more: half the problems are additions, the task SFT/RL then specialise on), 1-2 digit operands.
+SYNTHETIC_MIX = dict(ops=("+", "+", "-", "*"), min_digits=1, max_digits=2)
 
 
 def register(subparsers) -> None:  # noqa: ANN001 - argparse's private subparsers type
     p = subparsers.add_parser(
         "train",
-        help="pretrain a model (default: tiny on synthetic arithmetic, ~3 min on 2 CPU cores)",
+        help="pretrain a model (default: nano on synthetic arithmetic, ~1.5 min on 2 CPU cores)",
         description="Pretrain a CausalLM with the intro2llm Trainer; works the same under torchrun (DDP).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--config", default="tiny", help="model preset (intro2llm.configs) or a JSON file of ModelConfig "
-                                                      "fields; vocab_size is set from the tokenizer")
+    p.add_argument("--config", default=DEFAULTS["config"],
+                   help="model preset (intro2llm.configs) or a JSON file of ModelConfig fields; vocab_size is set "
+                        "from the tokenizer")
     p.add_argument("--data", default="synthetic",
                    help="synthetic | stdlib | PATH (a shard dir with index.json, a text file, or a dir of text)")
     p.add_argument("--eval-data", default=None, help="held-out shard dir (default: DIR/data/val when built here)")
@@ -161,6 +166,8 @@ def _prepare(args, info):  # noqa: ANN001, ANN202
     is_shard_dir = args.data not in ("synthetic", "stdlib") and (Path(args.data) / INDEX_FILE).exists()
     source = {"data": args.data, "seed": args.seed, "vocab_size": args.vocab_size, "max_bytes": args.max_bytes,
               "synthetic_docs": args.synthetic_docs}
+    if args.data == "synthetic":  # as JSON reads it back (lists), so an unchanged mix compares equal
+        source["mix"] = json.loads(json.dumps(SYNTHETIC_MIX))
     source_file = data_dir / "source.json"
     built = (data_dir / "train" / INDEX_FILE).exists() and prep.tokenizer_file(out) is not None \
         and source_file.exists() \
@@ -171,7 +178,10 @@ def _prepare(args, info):  # noqa: ANN001, ANN202
             out.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
             if args.data == "synthetic":
-                tok = prep.prepare_synthetic(data_dir, num_train=args.synthetic_docs, seed=args.seed)
+                from intro2llm.data.synthetic import SyntheticConfig
+
+                tok = prep.prepare_synthetic(data_dir, num_train=args.synthetic_docs, seed=args.seed,
+                                             config=SyntheticConfig(**SYNTHETIC_MIX))
             elif args.data == "stdlib":
                 from intro2llm.data.corpora import python_stdlib
 

@@ -1,9 +1,9 @@
 """``intro2llm sft``: supervised fine-tuning of a checkpoint on chat-templated data.
 
-    intro2llm sft --ckpt runs/tiny --data synthetic --out runs/sft           # the README's run (a few min, 2 cores)
+    intro2llm sft --ckpt runs/nano --data synthetic --out runs/sft           # the README's run (a few min, 2 cores)
     intro2llm sft --ckpt DIR --data chats.jsonl --template chatml --out DIR2 # {"messages": [...]} or prompt/response
-    intro2llm sft --ckpt runs/tiny --data synthetic --show-mask             # print the supervised tokens and exit
-    intro2llm sft --ckpt runs/tiny --out runs/sft --resume                  # continue from the newest checkpoint
+    intro2llm sft --ckpt runs/nano --data synthetic --show-mask             # print the supervised tokens and exit
+    intro2llm sft --ckpt runs/nano --out runs/sft --resume                  # continue from the newest checkpoint
 
 ``--data synthetic`` trains on seeded arithmetic problems (``intro2llm.data.synthetic``, see ``SYNTHETIC_TRAIN``)
 from which the held-out set is removed: 2-digit additions from ``random.Random(12345)``. Greedy exact-match accuracy on
@@ -20,10 +20,12 @@ import json
 import sys
 import time
 
-# Defaults for the tiny preset on synthetic arithmetic (~5 CPU-minutes on an idle 2-core box). NOT yet shown to reach
-# the lesson's >= 60% held-out 2-digit-addition target: measured runs (README, "基准与演示") needed more steps than the
-# loaded machine allowed; --steps / --lr are the knobs.
-DEFAULTS = dict(steps=300, batch_size=32, lr=1e-3, warmup=20, num_train=20_000, max_length=64)
+# Defaults for the checkpoint of the default `intro2llm train` (nano preset, arithmetic mix) on --data synthetic.
+# Learning the carries of 2-digit addition is a sudden transition whose timing varies from seed to seed; batch 64,
+# lr 3e-3 and weight decay 0.1 gave the earliest and most reliable one among the settings measured (batch 32 needs
+# more examples, batch 128 or lr 6e-3 more steps or none within 800; without weight decay it came later and not for
+# every seed). Lesson 10's README has the curves and the 3-seed results.
+DEFAULTS = dict(steps=1500, batch_size=64, lr=3e-3, warmup=50, weight_decay=0.1, num_train=20_000, max_length=64)
 EVAL_SEED = 12345
 
 
@@ -51,6 +53,7 @@ def register(subparsers) -> None:  # noqa: ANN001 - argparse's private subparser
     p.add_argument("--min-lr", type=float, default=None, help="final learning rate (default lr/10)")
     p.add_argument("--warmup", type=int, default=DEFAULTS["warmup"])
     add_optim_args(p)
+    p.set_defaults(weight_decay=DEFAULTS["weight_decay"])
     p.add_argument("--max-length", type=int, default=DEFAULTS["max_length"], help="tokens per row (truncation)")
     p.add_argument("--truncation", default="right", choices=["right", "left", "drop"],
                    help="over-long rows: keep the start / keep the end / drop (rows left without a supervised "
