@@ -14,7 +14,6 @@ ratio survives a noisy shared machine. Peak memory: each side runs in a fresh su
 is read and ``VmHWM`` reset (``5`` into ``/proc/self/clear_refs``), then the model and optimizer are built and 3
 steps run; the figure is ``VmHWM - VmRSS before`` (weights + grads + Adam state + activations + temporaries).
 Linux only for memory (``/proc``).
-
 Data parallelism (issue 21): ``python benchmarks/bench_train.py --parallel [--presets tiny,small]`` runs the
 ``Trainer`` (our fused AdamW, fp32, global batch ``--batch`` x ``--seq``) as 1 process, DDP x 2 and FSDP x 2
 (``torchrun --standalone``; the CPU threads are split so every configuration uses ``--threads`` cores in all) and
@@ -28,12 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
+import time
 
 import pytest
 import torch
 
-from intro2llm import testing
 from intro2llm.testing import child_json_value, peak_mib_since, reset_peak_rss, status_kb
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -70,8 +70,17 @@ def build(impl: str, batch: int = BATCH, seq: int = SEQ, seed: int = 0, precisio
                 h = model(ids, return_logits=False).hidden_states
             return ops.fused_linear_cross_entropy(h[:, :-1].float(), model.lm_head.weight, ids[:, 1:])
     elif impl == "hf":
-        model = testing.hf_llama_like(ours).to(DEVICE)
-        del ours
+        import transformers
+
+        from intro2llm.interop.hf import config_to_hf, hf_name
+
+        hf_cfg = transformers.LlamaConfig(**{k: v for k, v in config_to_hf(cfg).items() if k != "architectures"})
+        model = transformers.LlamaForCausalLM(hf_cfg).to(DEVICE)
+        state = {hf_name(k): v for k, v in ours.state_dict().items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if "rotary" not in k]:
+            raise RuntimeError(f"weight mapping failed: missing {missing}, unexpected {unexpected}")
+        del ours, state
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def loss_fn():
@@ -81,7 +90,17 @@ def build(impl: str, batch: int = BATCH, seq: int = SEQ, seed: int = 0, precisio
     else:
         raise ValueError(f"unknown impl {impl!r}")
     model.train()
-    return model, opt, testing.train_step_fn(loss_fn, opt, DEVICE)
+
+    def step():
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        return loss
+
+    return model, opt, step
 
 
 # ----------------------------------------------------------------------------------------------- pytest-benchmark
@@ -120,8 +139,15 @@ def measure_memory(impl: str, batch: int, seq: int, precision: str = "fp32") -> 
 
 def measure_speed(batch: int, seq: int, rounds: int, precision: str = "fp32") -> dict[str, float]:
     steps = {impl: build(impl, batch, seq, precision=precision)[2] for impl in ("ours", "hf")}
-    seconds = testing.median_seconds_alternating(steps, rounds)  # after a warm-up (first-call dispatch, allocator)
-    return {impl: batch * seq / s for impl, s in seconds.items()}
+    times: dict[str, list[float]] = {impl: [] for impl in steps}
+    for step in steps.values():  # warm-up (first-call dispatch, allocator)
+        step()
+    for _ in range(rounds):
+        for impl, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[impl].append(time.perf_counter() - t0)
+    return {impl: batch * seq / statistics.median(ts) for impl, ts in times.items()}
 
 
 # ----------------------------------------------------------------------------------------------- 1 process / DDP / FSDP
