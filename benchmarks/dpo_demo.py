@@ -55,11 +55,13 @@ def main() -> None:
     ap.add_argument("--sft-steps", type=int, default=500)
     ap.add_argument("--out", default="/tmp/dpo_demo")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--beta", type=float, default=0.5)
-    ap.add_argument("--num-train", type=int, default=2000)
+    from intro2llm.training.dpo_cli import DEFAULTS  # the demonstration runs the CLI's defaults
+
+    ap.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+    ap.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    ap.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    ap.add_argument("--beta", type=float, default=DEFAULTS["beta"])
+    ap.add_argument("--num-train", type=int, default=DEFAULTS["num_train"])
     ap.add_argument("--samples", type=int, default=200, help="held-out problems")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
