@@ -334,8 +334,8 @@ def init_workspace(dest: str | os.PathLike, lessons: list[int] | None = None, *,
 
         chosen = set(lessons)
         blanked: set[tuple[int, str]] = set()
-        for t in {t.file for t in tasks if t.lesson in chosen and (include_kernels or not t.kernel)}:
-            path = tmp / "intro2llm" / t
+        for rel in sorted({t.file for t in tasks if t.lesson in chosen and (include_kernels or not t.kernel)}):
+            path = tmp / "intro2llm" / rel
             new, done = blank_source(path.read_text(encoding="utf-8"), chosen, message)
             path.write_text(new, encoding="utf-8")
             blanked.update(done)
