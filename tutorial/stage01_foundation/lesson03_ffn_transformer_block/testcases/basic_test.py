@@ -101,7 +101,7 @@ def test_post_ln_output_is_normalized_pre_ln_output_is_not():
     assert pre.pow(2).mean(-1).sqrt().mean() > 5  # the residual stream keeps the input's scale
 
 
-@pytest.mark.task(*BLOCK_TASKS)
+@pytest.mark.task("TransformerBlock.__init__")  # counts parameters only: forward is graded by the other block tests
 @pytest.mark.parametrize("kw", [{}, dict(num_key_value_heads=4), dict(ffn_type="relu", use_rms_norm=False)])
 def test_block_parameters_follow_the_formula(kw):
     c = block_config(**kw)
