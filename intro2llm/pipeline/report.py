@@ -64,8 +64,9 @@ def summarize(state: dict) -> dict:
             "total_seconds": state.get("total_seconds"), "options": state["options"], "started": state.get("started")}
 
 
-def write_outputs(out: Path, state: dict) -> dict:
-    """Rewrite summary.json, metrics.jsonl, the plots and report.md; returns the summary."""
+def write_outputs(out: Path, state: dict, plots: bool = True) -> dict:
+    """Rewrite summary.json, metrics.jsonl, the plots (``plots=False``: keep the PNGs already there: drawing them
+    costs seconds, so the pipeline redraws them only when it stops) and report.md; returns the summary."""
     from intro2llm._io import atomic_write
 
     out = Path(out)
@@ -79,8 +80,8 @@ def write_outputs(out: Path, state: dict) -> dict:
             lines.append(json.dumps({"stage": stage, "event": "eval",
                                      **{k: v for k, v in res.items() if k != "samples"}}))
     atomic_write(out / "metrics.jsonl", "".join(line + "\n" for line in lines))
-    plots = make_plots(out, state)
-    atomic_write(out / "report.md", render_report(summary, state, plots))
+    names = make_plots(out, state) if plots else [p for p in PLOTS if (out / p).exists()]
+    atomic_write(out / "report.md", render_report(summary, state, names))
     return summary
 
 
@@ -110,7 +111,7 @@ def make_plots(out: Path, state: dict) -> list[str]:
         ax.set_xlabel("optimizer step (stages one after another)")
         ax.set_ylabel("training loss")
         ax.set_title("Training loss of every stage")
-        ax.legend()
+        ax.legend(loc="upper right")
         fig.tight_layout()
         fig.savefig(out / "loss_curves.png", dpi=110)
         written.append("loss_curves.png")
@@ -126,8 +127,8 @@ def make_plots(out: Path, state: dict) -> list[str]:
             a2.plot([r["step"] for r in rows], [r.get(kl, float("nan")) for r in rows], label=f"{stage} ({kl})")
         a1.set(title="mean reward per rollout", xlabel="RL step", ylabel="reward")
         a2.set(title="KL to the reference", xlabel="RL step", ylabel="KL")
-        a1.legend()
-        a2.legend()
+        a1.legend(loc="upper left")
+        a2.legend(loc="upper left")
         fig.tight_layout()
         fig.savefig(out / "rl_curves.png", dpi=110)
         plt.close(fig)
@@ -146,7 +147,7 @@ def make_plots(out: Path, state: dict) -> list[str]:
         ax.set_ylabel("held-out exact match (%)")
         ax.set_ylim(0, 105)
         ax.set_title("Greedy exact match after each stage (same held-out problems)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left")
         fig.tight_layout()
         fig.savefig(out / "accuracy.png", dpi=110)
         plt.close(fig)

@@ -203,7 +203,7 @@ class Pipeline:
             res.update(status="done", seconds=round(time.perf_counter() - t0, 1))
             self.state["results"][stage] = res
             self.save_state()
-            write_outputs(self.out, self.state)
+            write_outputs(self.out, self.state, plots=False)
             print(f"pipeline: {stage} done in {res['seconds']:.0f}s: {one_line(stage, res)}", file=sys.stderr)
         self.state["total_seconds"] = round(sum(r.get("seconds", 0) for r in self.state["results"].values()), 1)
         self.state["wall_seconds_last_invocation"] = round(time.perf_counter() - t_all, 1)
@@ -316,6 +316,6 @@ def merge_adapters(out: Path) -> None:
     keep = out / "adapter"
     keep.mkdir(exist_ok=True)
     for f in out.iterdir():
-        if f.is_file() and f.name.startswith("adapter_"):
+        if f.is_file() and f.name.startswith(("adapter_", "qlora_")):  # the merged model is a plain one
             f.replace(keep / f.name)
     export_sft_model(model, out, tok, chat.read_chat_template_name(out) or TEMPLATE)
