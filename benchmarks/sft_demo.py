@@ -1,7 +1,7 @@
 """SFT demonstration: the default ``intro2llm sft`` run from a pretrained checkpoint, over several seeds.
 
-    intro2llm train --out runs/tiny                       # the pretrained checkpoint (once)
-    python benchmarks/sft_demo.py --ckpt runs/tiny [--seeds 0 1 2] [-- extra sft flags]
+    intro2llm train --out runs/nano                       # the pretrained checkpoint (once; nano preset by default)
+    python benchmarks/sft_demo.py --ckpt runs/nano [--seeds 0 1 2] [-- extra sft flags]
 
 For each seed: ``intro2llm sft --ckpt CKPT --out OUT/seed_<s> --seed <s>`` (fresh directory), then the held-out
 2-digit-addition exact match before/after (``summary.json``) and the wall time. Prints one JSON line per seed and
