@@ -27,13 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
 import pytest
 import torch
 
+from intro2llm import testing
 from intro2llm.testing import child_json_value, peak_mib_since, reset_peak_rss, status_kb
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,17 +89,11 @@ def build(impl: str, batch: int = BATCH, seq: int = SEQ):
             return model(ids, labels=ids, return_logits=False).loss
     elif impl == "peft":
         import peft
-        import transformers
 
-        from intro2llm.interop.hf import config_to_hf, hf_name
+        from intro2llm.interop.hf import hf_name
         from intro2llm.model.lora import get_lora_model
 
-        hf_cfg = transformers.LlamaConfig(**{k: v for k, v in config_to_hf(ours.config).items()
-                                             if k != "architectures"})
-        hf = transformers.LlamaForCausalLM(hf_cfg)
-        missing, unexpected = hf.load_state_dict({hf_name(k): v for k, v in ours.state_dict().items()}, strict=False)
-        if unexpected or [k for k in missing if "rotary" not in k]:
-            raise RuntimeError(f"weight mapping failed: missing {missing}, unexpected {unexpected}")
+        hf = testing.hf_llama_like(ours)
         values = _adapter_values(get_lora_model(ours, r=RANK, alpha=ALPHA, target_modules=TARGETS))
         model = peft.get_peft_model(hf, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS),
                                                         lora_dropout=0.0, task_type="CAUSAL_LM"))
@@ -117,17 +111,7 @@ def build(impl: str, batch: int = BATCH, seq: int = SEQ):
     else:
         raise ValueError(f"unknown impl {impl!r}")
     model.train()
-
-    def step():
-        loss = loss_fn()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        return loss
-
-    return model, step
+    return model, testing.train_step_fn(loss_fn, opt, DEVICE)
 
 
 # ----------------------------------------------------------------------------------------------- pytest-benchmark
@@ -168,13 +152,8 @@ def measure_speed(batch: int, seq: int, rounds: int) -> dict[str, float]:
     losses = {impl: float(step().detach()) for impl, step in steps.items()}  # warm-up; same weights: same first loss
     if abs(losses["ours"] - losses["peft"]) > 1e-3 * abs(losses["peft"]):
         raise RuntimeError(f"the two sides do not compute the same loss: {losses}")
-    times: dict[str, list[float]] = {impl: [] for impl in steps}
-    for _ in range(rounds):
-        for impl, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[impl].append(time.perf_counter() - t0)
-    return {impl: batch * seq / statistics.median(ts) for impl, ts in times.items()}
+    seconds = testing.median_seconds_alternating(steps, rounds, warmup=False)
+    return {impl: batch * seq / s for impl, s in seconds.items()}
 
 
 def size_report() -> dict[str, float]:

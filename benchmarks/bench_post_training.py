@@ -26,15 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 
 import pytest
 import torch
 
+from intro2llm import testing
 from intro2llm.testing import child_json_value, peak_mib_since, reset_peak_rss, status_kb
 
 BATCH, SEQ = 8, 128
@@ -99,33 +98,48 @@ def measure_memory(name: str, batch: int, seq: int) -> float:
 
 def measure_speed(names: list[str], batch: int, seq: int, rounds: int) -> dict[str, float]:
     """Median seconds per step of each side, the sides alternating in one process."""
-    steps = {n: BUILDERS[n](batch, seq) for n in names}
-    for s in steps.values():  # warm-up (allocator, first-touch, lazy init)
-        s()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(rounds):
-        for n, s in steps.items():
-            t0 = time.perf_counter()
-            s()
-            times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(t) for n, t in times.items()}
+    # after a warm-up (allocator, first-touch, lazy init)
+    return testing.median_seconds_alternating({n: BUILDERS[n](batch, seq) for n in names}, rounds)
 
 
 # ------------------------------------------------------------------------------------------------ SFT
+def trainer_config(batch: int):
+    """Our trainers' settings for one step (constant lr 1e-4, no weight decay, clip 1.0, CPU, no logging)."""
+    from intro2llm.training.trainer import TrainerConfig
+
+    return TrainerConfig(steps=10**6, batch_size=batch, lr=1e-4, warmup_steps=0, schedule="constant",
+                         weight_decay=0.0, grad_clip=1.0, progress=False, tensorboard=False, wandb=False, device="cpu")
+
+
+def hf_trainer_step(trainer, model, inputs) -> Callable[[], None]:
+    """One optimizer step of a TRL (``transformers.Trainer``) trainer on ``inputs``, as its training loop runs it:
+    ``training_step`` (forward + backward), clip 1.0, optimizer and scheduler step, zero_grad."""
+    trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer._inner_training_loop in a real run
+    model.train()
+
+    def step() -> None:
+        trainer.training_step(model, inputs)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def build_sft_ours(batch: int = BATCH, seq: int = SEQ) -> Callable[[], None]:
     from intro2llm.data import synthetic
     from intro2llm.data.prepare import synthetic_tokenizer
     from intro2llm.data.sft_dataset import SFTDataset, rows_from_pairs
     from intro2llm.model.causal_lm import CausalLM
     from intro2llm.training.sft_trainer import SFTTrainer
-    from intro2llm.training.trainer import TrainerConfig
 
     model = CausalLM.from_pretrained(export_llama())
     pairs = synthetic.sft_pairs(batch, seed=0)
     tok = synthetic_tokenizer([p + r for p, r in pairs])  # only for the trainer's data plumbing; the batch is below
     ds = SFTDataset(rows_from_pairs(pairs), tok, "plain")
-    cfg = TrainerConfig(steps=10**6, batch_size=batch, lr=1e-4, warmup_steps=0, schedule="constant", weight_decay=0.0,
-                        grad_clip=1.0, progress=False, tensorboard=False, wandb=False, device="cpu")
+    cfg = trainer_config(batch)
     trainer = SFTTrainer(model, cfg, ds, tokenizer=tok)
     ids = batch_ids(batch, seq, model.config.vocab_size)
     labels = ids.clone()
@@ -148,19 +162,8 @@ def build_sft_trl(batch: int = BATCH, seq: int = SEQ) -> Callable[[], None]:
                      dataloader_num_workers=0, save_strategy="no", logging_strategy="no", seed=0)
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds,
                          processing_class=hf_tokenizer(model.config.vocab_size))
-    trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
-    trainer.current_gradient_accumulation_steps = 1  # set by Trainer._inner_training_loop in a real run
     inputs = next(iter(trainer.get_train_dataloader()))
-    model.train()
-
-    def step() -> None:
-        trainer.training_step(model, inputs)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        trainer.optimizer.step()
-        trainer.lr_scheduler.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
-
-    return step
+    return hf_trainer_step(trainer, model, inputs)
 
 
 # ------------------------------------------------------------------------------------------------ DPO
@@ -183,15 +186,13 @@ def build_dpo_ours(batch: int = BATCH, seq: int = SEQ) -> Callable[[], None]:
     from intro2llm.data.prepare import synthetic_tokenizer
     from intro2llm.model.causal_lm import CausalLM
     from intro2llm.training.dpo_trainer import DPOTrainer
-    from intro2llm.training.trainer import TrainerConfig
 
     model = CausalLM.from_pretrained(export_llama())
     ref = CausalLM.from_pretrained(export_llama())
     rows = synthetic_triples(batch, seed=0)
     tok = synthetic_tokenizer([r["prompt"] + r["chosen"] + r["rejected"] for r in rows])  # trainer plumbing only
     ds = DPODataset(rows, tok, "plain")
-    cfg = TrainerConfig(steps=10**6, batch_size=batch, lr=1e-4, warmup_steps=0, schedule="constant", weight_decay=0.0,
-                        grad_clip=1.0, progress=False, tensorboard=False, wandb=False, device="cpu")
+    cfg = trainer_config(batch)
     trainer = DPOTrainer(model, cfg, ds, ref, beta=0.1, tokenizer=tok)
     rows = []
     for i, (p, c, r) in enumerate(dpo_pairs(batch, seq, model.config.vocab_size)):
@@ -219,20 +220,9 @@ def build_dpo_trl(batch: int = BATCH, seq: int = SEQ) -> Callable[[], None]:
                      save_strategy="no", logging_strategy="no", seed=0)
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_dict(text),
                          processing_class=hf_tokenizer(model.config.vocab_size))
-    trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
-    trainer.current_gradient_accumulation_steps = 1  # set by Trainer._inner_training_loop in a real run
     collator = DataCollatorForPreference(pad_token_id=1, max_length=seq)
     inputs = collator([{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in pairs])
-    model.train()
-
-    def step() -> None:
-        trainer.training_step(model, inputs)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        trainer.optimizer.step()
-        trainer.lr_scheduler.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
-
-    return step
+    return hf_trainer_step(trainer, model, inputs)
 
 
 BUILDERS: dict[str, Callable[..., Callable[[], None]]] = {"sft-ours": build_sft_ours, "sft-trl": build_sft_trl,
@@ -240,20 +230,12 @@ BUILDERS: dict[str, Callable[..., Callable[[], None]]] = {"sft-ours": build_sft_
 GROUPS = {"sft": ["sft-ours", "sft-trl"], "dpo": ["dpo-ours", "dpo-trl"]}
 
 
-@pytest.mark.parametrize("name", ["sft-ours", "sft-trl"])
-def test_sft_step(benchmark, name):
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_step(benchmark, name):
+    """One optimizer step of each side; groups post-training-sft and post-training-dpo."""
     step = BUILDERS[name](BATCH, SEQ)
     step()
-    benchmark.group = "post-training-sft"
-    benchmark.extra_info.update(batch=BATCH, seq=SEQ)
-    benchmark.pedantic(step, rounds=5, iterations=1)
-
-
-@pytest.mark.parametrize("name", ["dpo-ours", "dpo-trl"])
-def test_dpo_step(benchmark, name):
-    step = BUILDERS[name](BATCH, SEQ)
-    step()
-    benchmark.group = "post-training-dpo"
+    benchmark.group = "post-training-" + name.split("-")[0]
     benchmark.extra_info.update(batch=BATCH, seq=SEQ)
     benchmark.pedantic(step, rounds=5, iterations=1)
 

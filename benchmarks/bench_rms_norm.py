@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import intro2llm.ops as ops
-from intro2llm.testing import backends_for
+from intro2llm.testing import backends_for, benchmark_bandwidth
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(4096, 4096), (16384, 1024)]
@@ -64,8 +64,4 @@ def test_rms_norm(benchmark, mode, impl, shape, dtype):
             fn(xg, wg).backward(g)
             _sync()
 
-    run()  # warm-up (and compile)
-    benchmark.group = f"rms_norm-{mode}-{'x'.join(map(str, shape))}-{str(dtype)[6:]}"
-    benchmark.extra_info["bytes"] = moved
-    benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=1)
-    benchmark.extra_info["GB/s"] = round(moved / benchmark.stats.stats.min / 1e9, 2)
+    benchmark_bandwidth(benchmark, run, moved, f"rms_norm-{mode}-{'x'.join(map(str, shape))}-{str(dtype)[6:]}", 10)

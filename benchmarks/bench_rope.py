@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import intro2llm.ops as ops
-from intro2llm.testing import backends_for
+from intro2llm.testing import backends_for, benchmark_bandwidth
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (B, H, Hkv, T, D)
@@ -85,13 +85,5 @@ def test_rope(benchmark, mode, impl, shape, dtype):
             torch.autograd.backward(fn(qg, kg, cos, sin), (dq, dk))
             _sync()
 
-    run()  # warm-up (and compile)
-    if DEVICE == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        run()
-        benchmark.extra_info["peak_MB"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
-    benchmark.group = "rope-{}-B{}H{}kv{}T{}D{}-{}".format(mode, *shape, str(dtype)[6:])
-    benchmark.extra_info["bytes"] = moved
-    benchmark.pedantic(run, rounds=10 if DEVICE == "cuda" else 5, iterations=1, warmup_rounds=1)
-    benchmark.extra_info["GB/s"] = round(moved / benchmark.stats.stats.min / 1e9, 2)
+    benchmark_bandwidth(benchmark, run, moved, "rope-{}-B{}H{}kv{}T{}D{}-{}".format(mode, *shape, str(dtype)[6:]),
+                        10 if DEVICE == "cuda" else 5)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import intro2llm.ops as ops
-from intro2llm.testing import backends_for
+from intro2llm.testing import backends_for, benchmark_bandwidth
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(16384, 14336)] if DEVICE == "cuda" else [(4096, 14336)]
@@ -81,13 +81,5 @@ def test_glu(benchmark, op, mode, impl, shape, dtype):
             fn(gg, ug).backward(dy)
             _sync()
 
-    run()  # warm-up (and compile)
-    if DEVICE == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        run()
-        benchmark.extra_info["peak_MB"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
-    benchmark.group = f"{op}-{mode}-{'x'.join(map(str, shape))}-{str(dtype)[6:]}"
-    benchmark.extra_info["bytes"] = moved if impl != "clone" else 2 * nbytes
-    benchmark.pedantic(run, rounds=10 if DEVICE == "cuda" else 5, iterations=1, warmup_rounds=1)
-    benchmark.extra_info["GB/s"] = round(benchmark.extra_info["bytes"] / benchmark.stats.stats.min / 1e9, 2)
+    benchmark_bandwidth(benchmark, run, moved if impl != "clone" else 2 * nbytes,
+                        f"{op}-{mode}-{'x'.join(map(str, shape))}-{str(dtype)[6:]}", 10 if DEVICE == "cuda" else 5)

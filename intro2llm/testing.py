@@ -25,6 +25,23 @@ def backends_for(device: str | torch.device = "cpu", implemented: Sequence[str] 
     return out
 
 
+def dtypes_for(backend: str, device: str | torch.device = "cpu") -> list[torch.dtype]:
+    """The float dtypes to test ``backend`` with on ``device``: fp32, fp16, bf16 — without bf16 for Triton on CPU,
+    whose interpreter computes bf16 arithmetic wrongly (bf16 Triton is tested on a GPU)."""
+    if backend == "triton" and torch.device(device).type == "cpu":
+        return [torch.float32, torch.float16]
+    return [torch.float32, torch.float16, torch.bfloat16]
+
+
+def output_and_grads(fn, inputs: Sequence[torch.Tensor], grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``fn(*inputs)`` on fresh leaf copies of ``inputs``, then backward with ``grad_out``: (output, the gradient of
+    each input) — the tuple a parity test compares between a backend and the reference."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    y = fn(*leaves)
+    y.backward(grad_out)
+    return (y.detach(), *(t.grad for t in leaves))
+
+
 def require_extension_if_asked() -> None:
     """Under INTRO2LLM_REQUIRE_EXT=1 (CI) a missing intro2llm._C is an error, never a skip."""
     import os
@@ -164,3 +181,84 @@ def assert_fused_peak_fraction_of_eager(step_src: str, N: int, H: int, V: int, f
     fused, eager = peak("fused"), peak("eager")
     assert eager > N * V * 4 // 1024, f"eager peak {eager} kB is below one logits tensor: measurement broken"
     assert fused <= fraction * eager, f"fused peak {fused} kB > {fraction:.0%} of eager {eager} kB"
+
+
+# Pieces of the end-to-end training benchmarks (bench_train, bench_lora): the same step, the same HF baseline.
+def train_step_fn(loss_fn, opt: torch.optim.Optimizer, device: str | torch.device):
+    """One optimizer step as a closure for a benchmark: ``loss_fn()``, backward, step, zero_grad (set to None), and
+    a CUDA synchronize so a timer sees the work; returns the loss."""
+
+    def step():
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        return loss
+
+    return step
+
+
+def hf_llama_like(model: torch.nn.Module):
+    """A ``transformers.LlamaForCausalLM`` with the configuration and weights of our ``CausalLM`` (a benchmark
+    baseline); RuntimeError if a weight name does not map."""
+    import transformers
+
+    from intro2llm.interop.hf import config_to_hf, hf_name
+
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in config_to_hf(model.config).items() if k != "architectures"})
+    hf = transformers.LlamaForCausalLM(hf_cfg)
+    missing, unexpected = hf.load_state_dict({hf_name(k): v for k, v in model.state_dict().items()}, strict=False)
+    if unexpected or [k for k in missing if "rotary" not in k]:
+        raise RuntimeError(f"weight mapping failed: missing {missing}, unexpected {unexpected}")
+    return hf
+
+
+def median_seconds_alternating(steps: dict, rounds: int, warmup: bool = True) -> dict[str, float]:
+    """Median wall seconds per call of each ``steps[name]()``, the steps alternating round by round (on a noisy
+    machine their ratio survives, absolute times do not); ``warmup`` calls each once before timing."""
+    import statistics
+    import time
+
+    if warmup:
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def benchmark_bandwidth(benchmark, run, moved_bytes: int, group: str, rounds: int = 5) -> None:
+    """Time ``run()`` (which synchronizes on GPU) for a memory-bound op's pytest-benchmark: warm-up (and compile),
+    on CUDA the peak memory of one call (``peak_MB``), then ``rounds`` timed calls; records ``bytes`` and ``GB/s``
+    (from the fastest call) in ``extra_info``."""
+    run()  # warm-up (and compile)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        benchmark.extra_info["peak_MB"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+    benchmark.group = group
+    benchmark.extra_info["bytes"] = moved_bytes
+    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["GB/s"] = round(moved_bytes / benchmark.stats.stats.min / 1e9, 2)
+
+
+def sandbox_available() -> bool:
+    """Whether this machine can start the code-evaluation sandbox (Linux only; see ``evaluation/sandbox.py``)."""
+    import sys
+
+    from intro2llm.evaluation.sandbox import Sandbox, SandboxUnavailableError
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        Sandbox().close()
+        return True
+    except SandboxUnavailableError:
+        return False

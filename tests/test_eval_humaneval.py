@@ -12,20 +12,13 @@ import pytest
 import torch
 
 from intro2llm.evaluation import humaneval as he
-from intro2llm.evaluation.sandbox import Sandbox, SandboxUnavailableError, probe_isolation
+from intro2llm.evaluation.sandbox import probe_isolation
+from intro2llm.testing import sandbox_available
 
 PROBE = probe_isolation() if sys.platform.startswith("linux") else {}
 
 
-def _can_isolate() -> bool:
-    try:
-        Sandbox().close()
-        return True
-    except SandboxUnavailableError:
-        return False
-
-
-ISOLATED = _can_isolate()
+ISOLATED = sandbox_available()
 needs_sandbox = pytest.mark.skipif(not ISOLATED, reason=f"this machine cannot isolate untrusted code: {PROBE}")
 
 

@@ -29,19 +29,12 @@ import pytest
 
 from intro2llm.evaluation import sandbox as sb
 from intro2llm.evaluation.humaneval import build_program, evaluate_samples, read_problems
+from intro2llm.testing import sandbox_available
 
 PROBE = sb.probe_isolation() if sys.platform.startswith("linux") else {}
 
 
-def _can_isolate() -> bool:
-    try:
-        sb.Sandbox().close()
-        return True
-    except sb.SandboxUnavailableError:
-        return False
-
-
-ISOLATED = sys.platform.startswith("linux") and _can_isolate()
+ISOLATED = sandbox_available()
 HAS_NS = PROBE.get("namespaces", "x") is None
 HAS_DROP = PROBE.get("drop_privileges", "x") is None
 pytestmark = pytest.mark.skipif(not ISOLATED, reason=f"this machine cannot isolate untrusted code: {PROBE}")

@@ -22,6 +22,7 @@ import pytest
 
 from intro2llm.evaluation import sandbox as sb
 from intro2llm.evaluation.humaneval import evaluate_samples
+from intro2llm.testing import sandbox_available
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the OS sandbox layers are Linux-only")
 
@@ -32,15 +33,7 @@ HAS_SECCOMP = PROBE.get("seccomp", "x") is None
 TIMEOUT = 1.5
 
 
-def _can_isolate() -> bool:
-    try:
-        sb.Sandbox().close()
-        return True
-    except sb.SandboxUnavailableError:
-        return False
-
-
-ISOLATED = sys.platform.startswith("linux") and _can_isolate()
+ISOLATED = sandbox_available()
 
 
 def _snapshot(root: str) -> dict[str, tuple]:
