@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "huge_pages.h"
+#include "op_checks.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -188,25 +189,18 @@ void fwd_bwd_impl(scalar_t* logits, const int64_t* targets, float grad_scale, fl
 
 Params check_inputs(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index, double eps, double z,
                     const char* op) {
-  TORCH_CHECK_VALUE(logits.dim() == 2 && logits.size(1) > 0, op, ": logits must be (N, V) with V > 0, got shape ",
-                    logits.sizes());
-  TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == logits.size(0), op, ": targets must have shape (",
-                    logits.size(0), ",) to match logits ", logits.sizes(), ", got ", targets.sizes());
+  check_cross_entropy_args(logits, targets, eps, z, op);
   TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16 ||
                        logits.scalar_type() == at::kHalf,
                    op, ": logits must be float32, bfloat16 or float16, got ", logits.scalar_type());
-  TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong, op, ": targets must be int64, got ", targets.scalar_type());
   TORCH_CHECK_VALUE(logits.device().is_cpu() && targets.device().is_cpu(), op, ": expected CPU tensors, got logits on ",
                     logits.device(), " and targets on ", targets.device());
-  TORCH_CHECK_VALUE(eps >= 0.0 && eps <= 1.0, op, ": label_smoothing must be in [0, 1], got ", eps);
-  TORCH_CHECK_VALUE(z >= 0.0, op, ": z_loss must be >= 0, got ", z);
   const int64_t V = logits.size(1);
   // Every target is range-checked before any kernel reads x[t]: no out-of-bounds read, whatever the input.
   const auto tc = targets.contiguous();
   const int64_t* t = tc.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < targets.numel(); ++i) {
-    TORCH_CHECK_VALUE(t[i] == ignore_index || (t[i] >= 0 && t[i] < V), op, ": target ", t[i], " at position ", i,
-                      " is outside [0, ", V, ") and is not ignore_index=", ignore_index);
+    if (t[i] != ignore_index && (t[i] < 0 || t[i] >= V)) fail_target_out_of_range(t[i], i, V, ignore_index, op);
   }
   return Params{logits.size(0), V, ignore_index, static_cast<float>(eps), static_cast<float>(z)};
 }
@@ -228,10 +222,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& logit
 at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& targets,
                                  const at::Tensor& lse, int64_t ignore_index, double label_smoothing, double z_loss) {
   const Params p = check_inputs(logits, targets, ignore_index, label_smoothing, z_loss, "intro2llm::cross_entropy_bwd");
-  TORCH_CHECK_VALUE(grad_loss.numel() == p.N && lse.numel() == p.N && lse.scalar_type() == at::kFloat,
-                    "intro2llm::cross_entropy_bwd: grad_loss and lse must hold one value per row (", p.N,
-                    "), lse in float32; got grad_loss ", grad_loss.sizes(), " and lse ", lse.sizes(), " ",
-                    lse.scalar_type());
+  check_cross_entropy_grad_args(grad_loss, lse, p.N, "intro2llm::cross_entropy_bwd");
   const auto xc = logits.contiguous();
   const auto tc = targets.contiguous();
   const auto gc = grad_loss.to(at::kFloat).contiguous();

@@ -25,6 +25,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "op_checks.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -122,24 +123,9 @@ I2L_CLONES void tile_axpy(const float* __restrict g, int64_t ldg, const float* _
   }
 }
 
-int log2_blocksize(int64_t blocksize, const char* op) {
-  TORCH_CHECK(blocksize >= 8 && (blocksize & (blocksize - 1)) == 0, op,
-              ": blocksize must be a power of two >= 8, got ", blocksize);
-  int shift = 0;
-  while ((int64_t{1} << shift) < blocksize) ++shift;
-  return shift;
-}
-
-void check_weight(const at::Tensor& packed, const at::Tensor& absmax, int64_t numel, int64_t blocksize,
-                  const char* op) {
+void check_cpu(const at::Tensor& packed, const at::Tensor& absmax, const char* op) {
   TORCH_CHECK(packed.device().is_cpu() && absmax.device().is_cpu(), op, ": expected CPU tensors, got packed on ",
               packed.device(), " and absmax on ", absmax.device());
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.numel() == (numel + 1) / 2, op,
-              ": packed must be uint8 with ", (numel + 1) / 2, " bytes, got ", packed.scalar_type(), " with ",
-              packed.numel());
-  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.numel() == (numel + blocksize - 1) / blocksize, op,
-              ": absmax must be float32 with one value per block of ", blocksize, ", got ", absmax.scalar_type(),
-              " with ", absmax.numel());
 }
 
 bool is_float_type(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
@@ -164,9 +150,9 @@ void dequantize_into(const uint8_t* p, const float* a, int shift, int64_t numel,
 at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t numel, int64_t blocksize,
                               at::ScalarType dtype) {
   const char* op = "intro2llm::nf4_dequantize";
-  check_weight(packed, absmax, numel, blocksize, op);
+  check_cpu(packed, absmax, op);
+  const int shift = check_nf4_weight(packed, absmax, numel, blocksize, op);
   TORCH_CHECK(is_float_type(dtype), op, ": dtype must be float32, bfloat16 or float16, got ", dtype);
-  const int shift = log2_blocksize(blocksize, op);
   const auto bytes = packed.contiguous();
   const auto am = absmax.contiguous();
   const uint8_t* p = bytes.const_data_ptr<uint8_t>();
@@ -197,16 +183,11 @@ int64_t large_tile_rows(int64_t N, int64_t K) {
 at::Tensor nf4_matmul_fwd_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t N,
                               int64_t blocksize, const std::optional<at::Tensor>& bias) {
   const char* op = "intro2llm::nf4_matmul_fwd";
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (M, K), got shape ", x.sizes());
+  check_cpu(packed, absmax, op);
+  const int shift = check_nf4_matmul_args(x, N, /*backward=*/false, packed, absmax, blocksize, bias, op);
   TORCH_CHECK(is_float_type(x.scalar_type()), op, ": x must be float32, bfloat16 or float16, got ", x.scalar_type());
   TORCH_CHECK(x.device().is_cpu(), op, ": expected a CPU tensor, got x on ", x.device());
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(N > 0 && K > 0, op, ": the weight must have a positive shape, got (", N, ", ", K, ")");
-  check_weight(packed, absmax, N * K, blocksize, op);
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape (", N, "), got ", bias->sizes());
-  }
-  const int shift = log2_blocksize(blocksize, op);
   const auto bytes = packed.contiguous();
   const auto am = absmax.contiguous();
   const uint8_t* p = bytes.const_data_ptr<uint8_t>();
@@ -265,13 +246,11 @@ at::Tensor nf4_matmul_fwd_cpu(const at::Tensor& x, const at::Tensor& packed, con
 at::Tensor nf4_matmul_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& packed, const at::Tensor& absmax,
                               int64_t K, int64_t blocksize) {
   const char* op = "intro2llm::nf4_matmul_bwd";
-  TORCH_CHECK(grad_y.dim() == 2, op, ": grad_y must be 2-D (M, N), got shape ", grad_y.sizes());
+  check_cpu(packed, absmax, op);
+  const int shift = check_nf4_matmul_args(grad_y, K, /*backward=*/true, packed, absmax, blocksize, std::nullopt, op);
   TORCH_CHECK(is_float_type(grad_y.scalar_type()), op, ": grad_y must be float32, bfloat16 or float16, got ",
               grad_y.scalar_type());
   const int64_t M = grad_y.size(0), N = grad_y.size(1);
-  TORCH_CHECK(N > 0 && K > 0, op, ": the weight must have a positive shape, got (", N, ", ", K, ")");
-  check_weight(packed, absmax, N * K, blocksize, op);
-  const int shift = log2_blocksize(blocksize, op);
   const auto bytes = packed.contiguous();
   const auto am = absmax.contiguous();
   const uint8_t* p = bytes.const_data_ptr<uint8_t>();

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "huge_pages.h"
+#include "op_checks.h"
 #include "rows.h"
 
 #include <cmath>
@@ -77,9 +78,7 @@ void rms_norm_bwd_impl(const scalar_t* g, const scalar_t* x, const float* w, con
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const char* op) {
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, op, ": x must have a non-empty last dimension, got shape ", x.sizes());
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), op, ": weight must have shape (", x.size(-1),
-              ",) to match x of shape ", x.sizes(), ", got ", weight.sizes());
+  check_rms_norm_args(x, weight, op);
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               op, ": x must be float32, bfloat16 or float16, got ", x.scalar_type());
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), op, ": expected CPU tensors, got x on ", x.device(),
@@ -105,10 +104,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cpu(const at::Tensor& x, const a
 std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x,
                                                     const at::Tensor& weight, const at::Tensor& rstd) {
   check_inputs(x, weight, "intro2llm::rms_norm_bwd");
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), "intro2llm::rms_norm_bwd: grad_y shape ", grad_y.sizes(),
-              " must equal x shape ", x.sizes());
-  TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.numel() * x.size(-1) == x.numel(),
-              "intro2llm::rms_norm_bwd: rstd must be float32 with one value per row, got ", rstd.sizes());
+  check_rms_norm_grad_args(grad_y, x, rstd, "intro2llm::rms_norm_bwd");
   const auto xc = x.contiguous();
   const auto gc = grad_y.to(x.scalar_type()).contiguous();
   const auto wf = weight.to(at::kFloat).contiguous();

@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include "huge_pages.h"
+#include "op_checks.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -281,17 +282,12 @@ void glu_bwd_impl(BwdFn fn, const scalar_t* dy, const scalar_t* g, const scalar_
   });
 }
 
-int parse_act(const std::string& approximate, const char* op) {
-  TORCH_CHECK(approximate == "none" || approximate == "tanh", op, ": approximate must be 'none' or 'tanh', got '",
-              approximate, "'");
-  return approximate == "tanh" ? kGeluTanh : kGelu;
+int parse_act(c10::string_view approximate, const char* op) {
+  return geglu_uses_tanh(approximate, op) ? kGeluTanh : kGelu;
 }
 
-void check_pair(const at::Tensor& gate, const at::Tensor& up, const char* op) {
-  TORCH_CHECK(gate.sizes() == up.sizes(), op, ": gate and up must have the same shape, got gate ", gate.sizes(),
-              " and up ", up.sizes());
-  TORCH_CHECK(gate.scalar_type() == up.scalar_type(), op, ": gate and up must share a dtype, got ",
-              gate.scalar_type(), " and ", up.scalar_type());
+void check_pair(const at::Tensor& gate, const at::Tensor& up, const char* op, const at::Tensor* grad = nullptr) {
+  check_glu_args(gate, up, op, grad);
   const auto st = gate.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op,
               ": gate must be float32, bfloat16 or float16, got ", st);
@@ -315,9 +311,7 @@ at::Tensor glu_fwd_cpu(const at::Tensor& gate, const at::Tensor& up, int act, co
 
 std::tuple<at::Tensor, at::Tensor> glu_bwd_cpu(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up,
                                                int act, const char* op) {
-  check_pair(gate, up, op);
-  TORCH_CHECK(grad.sizes() == gate.sizes(), op, ": grad_out shape ", grad.sizes(), " must equal gate shape ",
-              gate.sizes());
+  check_pair(gate, up, op, &grad);
   const auto gc = gate.contiguous(), uc = up.contiguous(), yc = grad.to(gate.scalar_type()).contiguous();
   auto dg = empty_output_like(gc);
   auto du = empty_output_like(uc);
@@ -343,13 +337,13 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cpu(const at::Tensor& grad, const 
 
 at::Tensor geglu_fwd_cpu(const at::Tensor& gate, const at::Tensor& up, c10::string_view approximate) {
   const char* op = "intro2llm::geglu_fwd";
-  return glu_fwd_cpu(gate, up, parse_act(std::string(approximate), op), op);
+  return glu_fwd_cpu(gate, up, parse_act(approximate, op), op);
 }
 
 std::tuple<at::Tensor, at::Tensor> geglu_bwd_cpu(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up,
                                                  c10::string_view approximate) {
   const char* op = "intro2llm::geglu_bwd";
-  return glu_bwd_cpu(grad, gate, up, parse_act(std::string(approximate), op), op);
+  return glu_bwd_cpu(grad, gate, up, parse_act(approximate, op), op);
 }
 
 }  // namespace

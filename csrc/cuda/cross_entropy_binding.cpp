@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "binding.h"
+#include "op_checks.h"
 #include "cross_entropy.cuh"
 
 namespace intro2llm {
@@ -18,22 +19,15 @@ void ce_check(const at::Tensor& logits, const at::Tensor& targets, int64_t ignor
   TORCH_CHECK_VALUE(logits.is_cuda() && targets.device() == logits.device(), op,
                     ": logits and targets must be on one CUDA device, got ", logits.device(), " and ",
                     targets.device());
-  TORCH_CHECK_VALUE(logits.dim() == 2 && logits.size(1) > 0, op, ": logits must be (N, V) with V > 0, got shape ",
-                    logits.sizes());
+  check_cross_entropy_args(logits, targets, eps, z, op);
   TORCH_CHECK_VALUE(logits.stride(1) == 1, op, ": logits rows must be contiguous, got strides ", logits.strides());
-  TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == logits.size(0), op, ": targets must have shape (",
-                    logits.size(0), ",) to match logits ", logits.sizes(), ", got ", targets.sizes());
-  TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong, op, ": targets must be int64, got ", targets.scalar_type());
   TORCH_CHECK_VALUE(logits.size(0) <= 0x7fffffff, op, ": at most 2^31-1 rows, got ", logits.size(0));
-  TORCH_CHECK_VALUE(eps >= 0.0 && eps <= 1.0, op, ": label_smoothing must be in [0, 1], got ", eps);
-  TORCH_CHECK_VALUE(z >= 0.0, op, ": z_loss must be >= 0, got ", z);
   if (!check_range || targets.numel() == 0) return;
   const int64_t V = logits.size(1);
   const auto bad = ((targets < 0) | (targets >= V)) & (targets != ignore_index);
   if (bad.any().item<bool>()) {
     const int64_t pos = bad.nonzero()[0][0].item<int64_t>();
-    TORCH_CHECK_VALUE(false, op, ": target ", targets[pos].item<int64_t>(), " at position ", pos,
-                      " is outside [0, ", V, ") and is not ignore_index=", ignore_index);
+    fail_target_out_of_range(targets[pos].item<int64_t>(), pos, V, ignore_index, op);
   }
 }
 
@@ -60,11 +54,10 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
   const char* op = "intro2llm::cross_entropy_bwd";
   ce_check(logits, targets, ignore_index, label_smoothing, z_loss, op, /*check_range=*/false);
   const int64_t N = logits.size(0), V = logits.size(1);
-  TORCH_CHECK_VALUE(grad_loss.numel() == N && lse.numel() == N && lse.scalar_type() == at::kFloat &&
-                        grad_loss.device() == logits.device() && lse.device() == logits.device(),
-                    op, ": grad_loss and lse must hold one value per row (", N, ") on ", logits.device(),
-                    ", lse in float32; got grad_loss ", grad_loss.sizes(), " and lse ", lse.sizes(), " ",
-                    lse.scalar_type());
+  check_cross_entropy_grad_args(grad_loss, lse, N, op);
+  TORCH_CHECK_VALUE(grad_loss.device() == logits.device() && lse.device() == logits.device(), op,
+                    ": grad_loss and lse must be on ", logits.device(), ", got ", grad_loss.device(), " and ",
+                    lse.device());
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto tc = targets.contiguous();
   const auto gc = grad_loss.to(at::kFloat).contiguous();

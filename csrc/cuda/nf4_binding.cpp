@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "binding.h"
+#include "op_checks.h"
 #include "nf4.cuh"
 
 namespace intro2llm {
@@ -18,24 +19,9 @@ namespace {
 constexpr int64_t kFusedMaxM = 64;
 constexpr int64_t kTileElems = int64_t{4} << 20;  // 4M elements: 8 MB in bf16 per dequantized tile
 
-int log2_blocksize(int64_t blocksize, const char* op) {
-  TORCH_CHECK(blocksize >= 8 && (blocksize & (blocksize - 1)) == 0, op,
-              ": blocksize must be a power of two >= 8, got ", blocksize);
-  int shift = 0;
-  while ((int64_t{1} << shift) < blocksize) ++shift;
-  return shift;
-}
-
-void check_weight(const at::Tensor& packed, const at::Tensor& absmax, int64_t numel, int64_t blocksize,
-                  const char* op) {
+void check_cuda_weight(const at::Tensor& packed, const at::Tensor& absmax, const char* op) {
   TORCH_CHECK(packed.is_cuda() && absmax.device() == packed.device(), op,
               ": packed and absmax must be on one CUDA device, got ", packed.device(), " and ", absmax.device());
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.numel() == (numel + 1) / 2, op,
-              ": packed must be uint8 with ", (numel + 1) / 2, " bytes, got ", packed.scalar_type(), " with ",
-              packed.numel());
-  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.numel() == (numel + blocksize - 1) / blocksize, op,
-              ": absmax must be float32 with one value per block of ", blocksize, ", got ", absmax.scalar_type(),
-              " with ", absmax.numel());
 }
 
 void check_cuda(cudaError_t err, const char* op) {
@@ -51,11 +37,26 @@ void dequantize_rows(const at::Tensor& packed, const at::Tensor& absmax, int shi
              op);
 }
 
+// Dequantize W (N, K) one row tile at a time (<= kTileElems elements, one buffer reused) and hand each tile
+// (rows, K) with its first row n0 to fn(n0, rows, tile): the whole weight is never materialized.
+template <typename Fn>
+void for_each_row_tile(const at::Tensor& packed, const at::Tensor& absmax, int shift, int64_t N, int64_t K,
+                       const at::TensorOptions& options, const char* op, Fn&& fn) {
+  const int64_t tn = std::min(N, std::max<int64_t>(64, kTileElems / K));
+  auto tile = at::empty({tn, K}, options);
+  for (int64_t n0 = 0; n0 < N; n0 += tn) {
+    const int64_t rows = std::min(tn, N - n0);
+    auto t = tile.narrow(0, 0, rows);
+    dequantize_rows(packed, absmax, shift, K, n0, t, op);
+    fn(n0, rows, t);
+  }
+}
+
 at::Tensor nf4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t numel, int64_t blocksize,
                                at::ScalarType dtype) {
   const char* op = "intro2llm::nf4_dequantize";
-  check_weight(packed, absmax, numel, blocksize, op);
-  const int shift = log2_blocksize(blocksize, op);
+  check_cuda_weight(packed, absmax, op);
+  const int shift = check_nf4_weight(packed, absmax, numel, blocksize, op);
   const c10::cuda::CUDAGuard guard(packed.device());
   const auto p = packed.contiguous();
   const auto a = absmax.contiguous();
@@ -69,15 +70,10 @@ at::Tensor nf4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& absma
 at::Tensor nf4_matmul_fwd_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t N,
                                int64_t blocksize, const std::optional<at::Tensor>& bias) {
   const char* op = "intro2llm::nf4_matmul_fwd";
-  TORCH_CHECK(x.dim() == 2 && x.is_cuda(), op, ": x must be a 2-D (M, K) CUDA tensor, got ", x.sizes(), " on ",
-              x.device());
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got x on ", x.device());
+  check_cuda_weight(packed, absmax, op);
+  const int shift = check_nf4_matmul_args(x, N, /*backward=*/false, packed, absmax, blocksize, bias, op);
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(N > 0 && K > 0, op, ": the weight must have a positive shape, got (", N, ", ", K, ")");
-  check_weight(packed, absmax, N * K, blocksize, op);
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape (", N, "), got ", bias->sizes());
-  }
-  const int shift = log2_blocksize(blocksize, op);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto xc = x.contiguous();
   const auto p = packed.contiguous();
@@ -93,14 +89,9 @@ at::Tensor nf4_matmul_fwd_cuda(const at::Tensor& x, const at::Tensor& packed, co
     return y;
   }
   auto y = at::empty({M, N}, x.options());
-  const int64_t tn = std::min(N, std::max<int64_t>(64, kTileElems / K));
-  auto tile = at::empty({tn, K}, x.options());
-  for (int64_t n0 = 0; n0 < N; n0 += tn) {
-    const int64_t rows = std::min(tn, N - n0);
-    auto t = tile.narrow(0, 0, rows);
-    dequantize_rows(p, a, shift, K, n0, t, op);
+  for_each_row_tile(p, a, shift, N, K, x.options(), op, [&](int64_t n0, int64_t rows, const at::Tensor& t) {
     y.narrow(1, n0, rows).copy_(at::mm(xc, t.t()));
-  }
+  });
   if (bias.has_value()) y.add_(bias->to(x.scalar_type()));
   return y;
 }
@@ -108,25 +99,18 @@ at::Tensor nf4_matmul_fwd_cuda(const at::Tensor& x, const at::Tensor& packed, co
 at::Tensor nf4_matmul_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& packed, const at::Tensor& absmax,
                                int64_t K, int64_t blocksize) {
   const char* op = "intro2llm::nf4_matmul_bwd";
-  TORCH_CHECK(grad_y.dim() == 2 && grad_y.is_cuda(), op, ": grad_y must be a 2-D (M, N) CUDA tensor, got ",
-              grad_y.sizes(), " on ", grad_y.device());
+  TORCH_CHECK(grad_y.is_cuda(), op, ": grad_y must be a CUDA tensor, got grad_y on ", grad_y.device());
+  check_cuda_weight(packed, absmax, op);
+  const int shift = check_nf4_matmul_args(grad_y, K, /*backward=*/true, packed, absmax, blocksize, std::nullopt, op);
   const int64_t M = grad_y.size(0), N = grad_y.size(1);
-  TORCH_CHECK(N > 0 && K > 0, op, ": the weight must have a positive shape, got (", N, ", ", K, ")");
-  check_weight(packed, absmax, N * K, blocksize, op);
-  const int shift = log2_blocksize(blocksize, op);
   const c10::cuda::CUDAGuard guard(grad_y.device());
   const auto gc = grad_y.contiguous();
   const auto p = packed.contiguous();
   const auto a = absmax.contiguous();
   auto dx = at::zeros({M, K}, grad_y.options().dtype(at::kFloat));
-  const int64_t tn = std::min(N, std::max<int64_t>(64, kTileElems / K));
-  auto tile = at::empty({tn, K}, grad_y.options());
-  for (int64_t n0 = 0; n0 < N; n0 += tn) {
-    const int64_t rows = std::min(tn, N - n0);
-    auto t = tile.narrow(0, 0, rows);
-    dequantize_rows(p, a, shift, K, n0, t, op);
+  for_each_row_tile(p, a, shift, N, K, grad_y.options(), op, [&](int64_t n0, int64_t rows, const at::Tensor& t) {
     dx.add_(at::mm(gc.narrow(1, n0, rows), t));
-  }
+  });
   return dx.to(grad_y.scalar_type());
 }
 

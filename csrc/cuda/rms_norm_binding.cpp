@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "binding.h"
+#include "op_checks.h"
 #include "rms_norm.cuh"
 
 namespace intro2llm {
@@ -14,9 +15,7 @@ namespace {
 void check(const at::Tensor& x, const at::Tensor& weight, const char* op) {
   TORCH_CHECK(x.is_cuda() && weight.device() == x.device(), op, ": x and weight must be on one CUDA device, got ",
               x.device(), " and ", weight.device());
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, op, ": x must have a non-empty last dimension, got ", x.sizes());
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), op, ": weight must have shape (", x.size(-1),
-              ",) to match x of shape ", x.sizes(), ", got ", weight.sizes());
+  check_rms_norm_args(x, weight, op);
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -39,6 +38,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& x, const 
 std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& x,
                                                      const at::Tensor& weight, const at::Tensor& rstd) {
   check(x, weight, "intro2llm::rms_norm_bwd");
+  check_rms_norm_grad_args(grad_y, x, rstd, "intro2llm::rms_norm_bwd");
   TORCH_CHECK(x.size(-1) <= 8192, "intro2llm::rms_norm_bwd (cuda): rows longer than 8192 are not supported, got ",
               x.size(-1), "; use backend='triton'");
   const c10::cuda::CUDAGuard guard(x.device());

@@ -5,28 +5,23 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <string>
-
 #include "binding.h"
+#include "op_checks.h"
 #include "swiglu.cuh"
 
 namespace intro2llm {
 namespace {
 
-cuda::DType check_pair(const at::Tensor& gate, const at::Tensor& up, const char* op) {
-  TORCH_CHECK(gate.sizes() == up.sizes(), op, ": gate and up must have the same shape, got gate ", gate.sizes(),
-              " and up ", up.sizes());
-  TORCH_CHECK(gate.scalar_type() == up.scalar_type(), op, ": gate and up must share a dtype, got ",
-              gate.scalar_type(), " and ", up.scalar_type());
+cuda::DType check_pair(const at::Tensor& gate, const at::Tensor& up, const char* op,
+                       const at::Tensor* grad = nullptr) {
+  check_glu_args(gate, up, op, grad);
   TORCH_CHECK(gate.is_cuda() && up.device() == gate.device(), op, ": gate and up must be on one CUDA device, got ",
               gate.device(), " and ", up.device());
   return cuda::dtype_code(gate, op, "gate");
 }
 
 cuda::GluAct parse_act(c10::string_view approximate, const char* op) {
-  const std::string a(approximate);
-  TORCH_CHECK(a == "none" || a == "tanh", op, ": approximate must be 'none' or 'tanh', got '", a, "'");
-  return a == "tanh" ? cuda::GluAct::kGeluTanh : cuda::GluAct::kGelu;
+  return geglu_uses_tanh(approximate, op) ? cuda::GluAct::kGeluTanh : cuda::GluAct::kGelu;
 }
 
 at::Tensor glu_fwd_cuda(const at::Tensor& gate, const at::Tensor& up, cuda::GluAct act, const char* op) {
@@ -42,9 +37,7 @@ at::Tensor glu_fwd_cuda(const at::Tensor& gate, const at::Tensor& up, cuda::GluA
 
 std::tuple<at::Tensor, at::Tensor> glu_bwd_cuda(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up,
                                                 cuda::GluAct act, const char* op) {
-  const auto dtype = check_pair(gate, up, op);
-  TORCH_CHECK(grad.sizes() == gate.sizes(), op, ": grad_out shape ", grad.sizes(), " must equal gate shape ",
-              gate.sizes());
+  const auto dtype = check_pair(gate, up, op, &grad);
   const c10::cuda::CUDAGuard guard(gate.device());
   const auto gc = gate.contiguous(), uc = up.contiguous(), yc = grad.to(gate.scalar_type()).contiguous();
   auto dg = at::empty_like(gc, at::MemoryFormat::Contiguous);
