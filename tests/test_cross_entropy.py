@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import intro2llm.ops as ops
 from intro2llm.loss import CrossEntropyLoss
 from intro2llm.ops._dispatch import extension_error
-from intro2llm.testing import assert_close_to_exact, backends_for
+from intro2llm.testing import assert_close_to_exact, backends_for, dtypes_for
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FAST = [b for b in backends_for(DEVICE) if b != "reference"]
@@ -23,14 +23,7 @@ SHAPES = [(1, 131), (3, 47, 131), (4, 32000), (6, 1)]
 OPTIONS = [(0.0, 0.0, "mean"), (0.1, 0.0, "sum"), (0.0, 1e-3, "none"), (0.2, 1e-2, "mean")]
 
 
-def _dtypes(backend):
-    # bf16 arithmetic is wrong in the Triton CPU interpreter; bf16 Triton runs on GPU only.
-    if backend == "triton" and DEVICE == "cpu":
-        return [torch.float32, torch.float16]
-    return [torch.float32, torch.float16, torch.bfloat16]
-
-
-CASES = [(b, s, d) for b in FAST for s in SHAPES for d in _dtypes(b)]
+CASES = [(b, s, d) for b in FAST for s in SHAPES for d in dtypes_for(b, DEVICE)]
 
 
 def _inputs(shape, dtype, seed=0, ignore_every=5):

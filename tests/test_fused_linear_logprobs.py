@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import intro2llm.ops as ops
 from intro2llm.ops._dispatch import extension_error
-from intro2llm.testing import assert_close_to_exact, assert_fused_peak_fraction_of_eager, backends_for
+from intro2llm.testing import assert_close_to_exact, assert_fused_peak_fraction_of_eager, backends_for, dtypes_for
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FAST = [b for b in backends_for(DEVICE) if b != "reference"]
@@ -17,13 +17,7 @@ FAST = [b for b in backends_for(DEVICE) if b != "reference"]
 SHAPES = [((1,), 16, 131, None, 1.0), ((3, 7), 24, 131, 4, 0.7), ((2, 3), 32, 32000, 2, 1.0)]
 
 
-def _dtypes(backend):
-    if backend == "triton" and DEVICE == "cpu":
-        return [torch.float32, torch.float16]  # bf16 arithmetic is wrong in the Triton CPU interpreter
-    return [torch.float32, torch.float16, torch.bfloat16]
-
-
-CASES = [(b, s, d) for b in FAST for s in SHAPES for d in _dtypes(b)]
+CASES = [(b, s, d) for b in FAST for s in SHAPES for d in dtypes_for(b, DEVICE)]
 IDS = [f"{b}-{'x'.join(map(str, s[0]))}x{s[1]}-V{s[2]}-T{s[4]}-{str(d)[6:]}" for b, s, d in CASES]
 
 

@@ -9,7 +9,7 @@ import torch
 
 from intro2llm.ops import nf4 as nf4_mod
 from intro2llm.ops.nf4 import NF4Weight, dequantize_tensor, nf4_dequantize, nf4_matmul, nf4_quantize, quantize_tensor
-from intro2llm.testing import assert_close_to_exact, backends_for
+from intro2llm.testing import assert_close_to_exact, backends_for, output_and_grads
 
 try:
     import bitsandbytes.functional as bnbf
@@ -177,12 +177,8 @@ def _mm_inputs(x_shape, n, dtype, double_quant, seed=0):
     return q, x, b, dy
 
 
-def _mm_run(fn, x, b, dy):
-    x = x.detach().clone().requires_grad_()
-    b = b.detach().clone().requires_grad_()
-    y = fn(x, b)
-    y.backward(dy)
-    return y.detach(), x.grad, b.grad
+def _mm_run(fn, a, b, dy):
+    return output_and_grads(fn, (a, b), dy)
 
 
 @pytest.mark.parametrize("backend,x_shape,n,dtype", MM_CASES, ids=MM_IDS)

@@ -11,21 +11,14 @@ import torch
 import intro2llm.ops as ops
 from intro2llm.ops import BackendUnavailableError
 from intro2llm.ops._dispatch import extension_error
-from intro2llm.testing import assert_close_to_exact, backends_for
+from intro2llm.testing import assert_close_to_exact, backends_for, dtypes_for, output_and_grads
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FAST = [b for b in backends_for(DEVICE) if b != "reference"]
 SHAPES = [(3, 47, 131), (1, 64), (5, 1), (2, 7, 1024)]
 
 
-def _dtypes(backend):
-    # bf16 arithmetic is wrong in the Triton CPU interpreter; bf16 Triton runs on GPU only.
-    if backend == "triton" and DEVICE == "cpu":
-        return [torch.float32, torch.float16]
-    return [torch.float32, torch.float16, torch.bfloat16]
-
-
-CASES = [(b, s, d) for b in FAST for s in SHAPES for d in _dtypes(b)]
+CASES = [(b, s, d) for b in FAST for s in SHAPES for d in dtypes_for(b, DEVICE)]
 CASE_IDS = [f"{b}-{'x'.join(map(str, s))}-{str(d)[6:]}" for b, s, d in CASES]
 
 
@@ -37,12 +30,8 @@ def _inputs(shape, dtype, seed=0):
     return x, w, dy
 
 
-def _run(fn, x, w, dy):
-    x = x.detach().clone().requires_grad_()
-    w = w.detach().clone().requires_grad_()
-    y = fn(x, w)
-    y.backward(dy)
-    return y.detach(), x.grad, w.grad
+def _run(fn, a, b, dy):
+    return output_and_grads(fn, (a, b), dy)
 
 
 def test_reference_known_answer():

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 
 import intro2llm.ops as ops  # noqa: E402
 from intro2llm.ops._dispatch import extension_error  # noqa: E402
-from intro2llm.testing import assert_close_to_exact, backends_for  # noqa: E402
+from intro2llm.testing import assert_close_to_exact, backends_for, dtypes_for  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FAST = [b for b in backends_for(DEVICE) if b != "reference"]
@@ -28,12 +28,6 @@ CASES = [
     (2, 5, 5, 3, 6, "one"),  # MHA, tiny head_dim
     (2, 8, 1, 4, 64, "hf"),  # MQA
 ]
-
-
-def _dtypes(backend):
-    if backend == "triton" and DEVICE == "cpu":
-        return [torch.float32, torch.float16]
-    return [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _tables(B, T, D, kind, seed=0, offsets=None):
@@ -112,10 +106,8 @@ def test_relative_position_property():
     assert abs(dots[0] - dots[1]) < 1e-5  # fp32 tables
 
 
-CASE_IDS = [
-    f"{b}-B{c[0]}H{c[1]}kv{c[2]}T{c[3]}D{c[4]}{c[5]}-{str(d)[6:]}" for b in FAST for c in CASES for d in _dtypes(b)
-]
-PARAMS = [(b, c, d) for b in FAST for c in CASES for d in _dtypes(b)]
+PARAMS = [(b, c, d) for b in FAST for c in CASES for d in dtypes_for(b, DEVICE)]
+CASE_IDS = [f"{b}-B{c[0]}H{c[1]}kv{c[2]}T{c[3]}D{c[4]}{c[5]}-{str(d)[6:]}" for b, c, d in PARAMS]
 
 
 @pytest.mark.parametrize("backend,case,dtype", PARAMS, ids=CASE_IDS)

@@ -17,7 +17,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import intro2llm.ops as ops  # noqa: E402
 from intro2llm.ops._dispatch import extension_error  # noqa: E402
-from intro2llm.testing import assert_close_to_exact, backends_for  # noqa: E402
+from intro2llm.testing import assert_close_to_exact, backends_for, dtypes_for, output_and_grads  # noqa: E402
 
 # tl.sigmoid(-100) overflows exp in the CPU interpreter's numpy (to inf, giving the right 0): not a failure
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
@@ -37,12 +37,6 @@ OPS = {
 }
 
 
-def _dtypes(backend):
-    if backend == "triton" and DEVICE == "cpu":
-        return [torch.float32, torch.float16]
-    return [torch.float32, torch.float16, torch.bfloat16]
-
-
 def _inputs(shape, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     # gate spans the activations' curved region and both tails (|x| up to ~12)
@@ -52,12 +46,8 @@ def _inputs(shape, dtype, seed=0):
     return gate, up, dy
 
 
-def _run(fn, gate, up, dy):
-    gate = gate.detach().clone().requires_grad_()
-    up = up.detach().clone().requires_grad_()
-    y = fn(gate, up)
-    y.backward(dy)
-    return y.detach(), gate.grad, up.grad
+def _run(fn, a, b, dy):
+    return output_and_grads(fn, (a, b), dy)
 
 
 def test_reference_known_answers():
@@ -82,7 +72,7 @@ def test_equals_torch_functional(op, backend):
         torch.testing.assert_close(g_, w_, atol=2e-5, rtol=2e-5, msg=name)
 
 
-PARAMS = [(o, b, s, d) for o in OPS for b in FAST for s in SHAPES for d in _dtypes(b)]
+PARAMS = [(o, b, s, d) for o in OPS for b in FAST for s in SHAPES for d in dtypes_for(b, DEVICE)]
 IDS = [f"{o}-{b}-{'x'.join(map(str, s))}-{str(d)[6:]}" for o, b, s, d in PARAMS]
 
 

@@ -43,14 +43,8 @@ def _reduce(loss_rows: torch.Tensor, valid: torch.Tensor, reduction: str, dtype:
     return (total / valid.sum()).to(dtype)  # 0/0 = nan when every token is ignored, as in PyTorch
 
 
-def cross_entropy_reference(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    reduction: str = "mean",
-) -> torch.Tensor:
+def cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                            label_smoothing: float = 0.0, z_loss: float = 0.0, reduction: str = "mean") -> torch.Tensor:
     """Eager cross-entropy: logits (..., V), targets (...) int64 → scalar (mean/sum) or (...) ("none").
 
     Statistics in fp32 whatever the input dtype; result in the logits' dtype. Memory traffic: ~5 passes over
@@ -71,9 +65,8 @@ def cross_entropy_reference(
     return _reduce(loss, valid, reduction, logits.dtype, targets.shape)
 
 
-def _validate(
-    logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float, z_loss: float, reduction: str
-) -> None:
+def _validate(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float, z_loss: float,
+              reduction: str) -> None:
     check_float("logits", logits, OP.name)
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"{OP}: targets must be a torch.Tensor, got {type(targets).__name__}")
@@ -87,12 +80,17 @@ def _validate(
         raise ValueError(f"{OP}: targets shape {tuple(targets.shape)} must equal logits shape without its last "
                          f"dimension {tuple(logits.shape[:-1])} (logits {tuple(logits.shape)})")
     check_same_device(OP.name, logits=logits, targets=targets)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{OP}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    check_loss_options(OP, label_smoothing, reduction)
     if not z_loss >= 0.0:
         raise ValueError(f"{OP}: z_loss must be >= 0, got {z_loss}")
+
+
+def check_loss_options(op, label_smoothing: float, reduction: str) -> None:
+    """ValueError for a reduction not in REDUCTIONS or a label_smoothing outside [0, 1] (``op`` names the op)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
 
 
 def check_targets(targets: torch.Tensor, num_classes: int, ignore_index: int, op: str = OP.name) -> None:
@@ -147,15 +145,8 @@ def _cross_entropy_fwd_triton(
 
 
 @torch.library.custom_op("intro2llm::cross_entropy_bwd_triton", mutates_args=())
-def _cross_entropy_bwd_triton(
-    grad_loss: torch.Tensor,
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-) -> torch.Tensor:
+def _cross_entropy_bwd_triton(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                              ignore_index: int, label_smoothing: float, z_loss: float) -> torch.Tensor:
     from intro2llm.kernels.cross_entropy import cross_entropy_bwd
 
     return cross_entropy_bwd(
@@ -193,16 +184,8 @@ def fwd_and_bwd(backend: str):
 # ---------------------------------------------------------------------------------------------------------------
 # Public op
 # ---------------------------------------------------------------------------------------------------------------
-def cross_entropy(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    reduction: str = "mean",
-    *,
-    backend: str | None = None,
-) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, label_smoothing: float = 0.0,
+                  z_loss: float = 0.0, reduction: str = "mean", *, backend: str | None = None) -> torch.Tensor:
     """Cross-entropy: logits (..., V) fp32/bf16/fp16, targets (...) int64 → scalar or (...) in logits' dtype."""
     _validate(logits, targets, label_smoothing, z_loss, reduction)
     name = OP.resolve(logits.device, backend, dtype=logits.dtype)

@@ -22,7 +22,8 @@ from torch._subclasses.fake_tensor import is_fake
 from intro2llm.ops import _dispatch
 from intro2llm.ops._checks import check_float, check_same_device
 from intro2llm.ops.cross_entropy import (
-    REDUCTIONS,
+    _reduce,
+    check_loss_options,
     check_targets,
     cross_entropy_reference,
     fwd_and_bwd,
@@ -40,14 +41,8 @@ CHUNK_LOGITS_BYTES = 16 * 2**20
 
 
 def fused_linear_cross_entropy_reference(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    reduction: str = "mean",
-    chunk_size: int | None = None,
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None,
+    ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean", chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Eager linear + cross-entropy: hidden (..., H), weight (V, H), targets (...) → scalar or (...).
 
@@ -86,10 +81,7 @@ def check_head_inputs(op, hidden, weight, targets, bias=None) -> None:
 
 def _validate(hidden, weight, targets, bias, label_smoothing, reduction, chunk_size) -> None:
     check_head_inputs(OP, hidden, weight, targets, bias)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{OP}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    check_loss_options(OP, label_smoothing, reduction)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{OP}: chunk_size must be a positive int or None, got {chunk_size!r}")
 
@@ -104,6 +96,14 @@ def default_chunk_size(num_tokens: int, vocab: int, dtype: torch.dtype) -> int:
 def _cast(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
     """GEMMs run in hidden's dtype; the gradients go back in weight's and bias's own dtypes (fp32 accumulated)."""
     return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def _grad_buffers(weight: torch.Tensor, bias: torch.Tensor | None, num_tokens: int, weight_grad: bool = True):
+    """fp32 gradient accumulators: weight (V, H) (written by the first chunk, so zeros only without tokens; None
+    when not ``weight_grad``) and bias (V,) zeros (None without bias)."""
+    gw32 = None if not weight_grad else \
+        (torch.empty if num_tokens > 0 else torch.zeros)(weight.shape, device=weight.device, dtype=torch.float32)
+    return gw32, None if bias is None else torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32)
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -139,16 +139,8 @@ def _accumulate(grad_logits, h, weight, gh_out, gw32, gb32, first: bool) -> None
 # ---------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("intro2llm::fused_linear_cross_entropy_fwd", mutates_args=())
 def _flce_fwd(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    bias: torch.Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
-    reduction: str,
-    chunk_size: int,
-    backend: str,
-    weight_grad: bool = True,
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None, ignore_index: int,
+    label_smoothing: float, reduction: str, chunk_size: int, backend: str, weight_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden (N, H), weight (V, H), targets (N,) → loss () fp32, grad_hidden (N, H), grad_weight (V, H) (empty
     when not ``weight_grad``), grad_bias (V,) (empty without bias), the gradients being those of the reduced loss."""
@@ -159,10 +151,7 @@ def _flce_fwd(
     n_valid = int((targets != ignore_index).sum()) if reduction == "mean" else 1
     scale = 1.0 / n_valid if n_valid > 0 else 0.0  # every token ignored: zero gradients, loss nan (below)
     grad_hidden = torch.empty_like(hidden)  # (N, H)
-    # (V, H) fp32, written by the first chunk (zeros when there is none)
-    gw32 = (torch.empty if N > 0 else torch.zeros)(weight.shape, device=weight.device, dtype=torch.float32) \
-        if weight_grad else None
-    gb32 = None if bias is None else torch.zeros(V, device=weight.device, dtype=torch.float32)
+    gw32, gb32 = _grad_buffers(weight, bias, N, weight_grad)
     total = torch.zeros((), device=hidden.device, dtype=torch.float32)
     # the only vocabulary-sized buffer, allocated once: a fresh allocation per chunk would pay the OS's page faults
     # every time (glibc maps blocks over 32 MiB anew)
@@ -226,14 +215,8 @@ _dispatch.register_kernels(
 # ---------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("intro2llm::fused_linear_cross_entropy_none_fwd", mutates_args=())
 def _flce_none_fwd(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    bias: torch.Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
-    chunk_size: int,
-    backend: str,
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None, ignore_index: int,
+    label_smoothing: float, chunk_size: int, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden (N, H), weight (V, H), targets (N,) → per-token loss (N,) fp32, lse (N,) fp32."""
     check_targets(targets, weight.shape[0], ignore_index, OP.name)
@@ -259,15 +242,8 @@ def _flce_none_fake_fwd(hidden, weight, targets, bias, ignore_index, label_smoot
 
 @torch.library.custom_op("intro2llm::fused_linear_cross_entropy_none_bwd", mutates_args=())
 def _flce_none_bwd(
-    grad_loss: torch.Tensor,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    bias: torch.Tensor | None,
-    lse: torch.Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-    chunk_size: int,
+    grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+    bias: torch.Tensor | None, lse: torch.Tensor, ignore_index: int, label_smoothing: float, chunk_size: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (hidden, weight, bias or empty) of the per-token losses for upstream grad_loss (N,)."""
@@ -275,9 +251,7 @@ def _flce_none_bwd(
     w, b = _cast(weight, bias, hidden.dtype)
     grad_loss = grad_loss.float().contiguous()
     grad_hidden = torch.empty_like(hidden)
-    gw32 = (torch.empty if hidden.shape[0] > 0 else torch.zeros)(weight.shape, device=weight.device,
-                                                                  dtype=torch.float32)
-    gb32 = None if bias is None else torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32)
+    gw32, gb32 = _grad_buffers(weight, bias, hidden.shape[0])
     buf = hidden.new_empty(min(chunk_size, hidden.shape[0]), weight.shape[0])  # reused by every chunk
     for start in range(0, hidden.shape[0], chunk_size):
         end = min(start + chunk_size, hidden.shape[0])
@@ -315,16 +289,9 @@ _dispatch.register_kernels(
 
 
 def fused_linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    reduction: str = "mean",
-    chunk_size: int | None = None,
-    *,
-    backend: str | None = None,
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None,
+    ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean", chunk_size: int | None = None,
+    *, backend: str | None = None,
 ) -> torch.Tensor:
     """cross_entropy(hidden @ weight.T + bias, targets) without materializing the logits.
 
@@ -369,10 +336,7 @@ def _fused_linear_cross_entropy(
     needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
     if reduction == "none" or not needs_grad:  # no gradients wanted: one GEMM per chunk instead of three
         loss, _ = _flce_none_fwd(h, w, t, b, int(ignore_index), float(label_smoothing), chunk, name)
-        if reduction == "none":
-            return loss.reshape(targets.shape).to(loss_dtype)
-        total = loss.sum()
-        return (total if reduction == "sum" else total / (t != ignore_index).sum()).to(loss_dtype)
+        return _reduce(loss, t != ignore_index, reduction, loss_dtype, targets.shape)
     # a frozen weight (e.g. the LM head under LoRA) skips the (V, H) weight-gradient GEMM of every chunk
     loss = _flce_fwd(h, w, t, b, int(ignore_index), float(label_smoothing), reduction, chunk, name,
                      weight.requires_grad)[0]

@@ -28,6 +28,7 @@ from intro2llm.ops.cross_entropy import check_targets, fwd_and_bwd, fwd_bwd_inpl
 from intro2llm.ops.fused_linear_cross_entropy import (
     _accumulate,
     _chunk_logits,
+    _grad_buffers,
     check_head_inputs,
     default_chunk_size,
 )
@@ -68,15 +69,8 @@ def _validate(hidden, weight, targets, temperature, chunk_size) -> None:
 # Fast paths (cpp / triton / cuda): one custom op pair; the backend names the row kernels inside the chunk loop.
 # ---------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("intro2llm::fused_linear_logprobs_fwd", mutates_args=())
-def _fllp_fwd(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int,
-    temperature: float,
-    chunk_size: int,
-    backend: str,
-) -> torch.Tensor:
+def _fllp_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, temperature: float,
+              chunk_size: int, backend: str) -> torch.Tensor:
     """hidden (N, H), weight (V, H), targets (N,) → log p (N,) fp32 (0 where ignored)."""
     check_targets(targets, weight.shape[0], ignore_index, OP.name)
     ce_fwd, _ = fwd_and_bwd(backend)
@@ -102,14 +96,8 @@ def _fllp_fake_fwd(hidden, weight, targets, ignore_index, temperature, chunk_siz
 
 @torch.library.custom_op("intro2llm::fused_linear_logprobs_bwd", mutates_args=())
 def _fllp_bwd(
-    grad_logp: torch.Tensor,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int,
-    temperature: float,
-    chunk_size: int,
-    backend: str,
+    grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+    temperature: float, chunk_size: int, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients (hidden (N, H), weight (V, H)) of sum_i grad_logp_i · log p_i.
 
@@ -123,7 +111,7 @@ def _fllp_bwd(
     N = hidden.shape[0]
     g = grad_logp.to(hidden.dtype).reshape(N, 1)  # (N, 1)
     grad_hidden = torch.empty_like(hidden)  # (N, H)
-    gw32 = (torch.empty if N > 0 else torch.zeros)(weight.shape, device=weight.device, dtype=torch.float32)
+    gw32, _ = _grad_buffers(weight, None, N)
     buf = hidden.new_empty(min(chunk_size, N), weight.shape[0])  # the one (n, V) buffer
     for start in range(0, N, chunk_size):
         end = min(start + chunk_size, N)

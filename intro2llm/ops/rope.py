@@ -63,14 +63,12 @@ def _validate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         check_float(name, t, OP.name)
     if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(
-            f"{OP}: q and k must be 4-D (B, H, T, D) and (B, Hkv, T, D), got q {tuple(q.shape)} and k {tuple(k.shape)}"
-        )
+        raise ValueError(f"{OP}: q and k must be 4-D (B, H, T, D) and (B, Hkv, T, D), got q {tuple(q.shape)} and k "
+                         f"{tuple(k.shape)}")
     B, _, T, D = q.shape
     if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D:
-        raise ValueError(
-            f"{OP}: k must have shape ({B}, Hkv, {T}, {D}) to match q of shape {tuple(q.shape)}, got {tuple(k.shape)}"
-        )
+        raise ValueError(f"{OP}: k must have shape ({B}, Hkv, {T}, {D}) to match q of shape {tuple(q.shape)}, got "
+                         f"{tuple(k.shape)}")
     if D == 0 or D % 2 != 0:
         raise ValueError(f"{OP}: head_dim must be even and > 0 (split-half rotation), got q of shape {tuple(q.shape)}")
     if k.dtype != q.dtype:
@@ -86,10 +84,8 @@ def _validate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
         or (len(shape) == 4 and shape[0] in (1, B) and shape[1] == 1 and shape[2:] == (T, D))
     )
     if not ok:
-        raise ValueError(
-            f"{OP}: cos/sin must have shape ({T}, {D}), ({B}, {T}, {D}) or (1, {T}, {D}) for q of shape "
-            f"{tuple(q.shape)}, got {shape}"
-        )
+        raise ValueError(f"{OP}: cos/sin must have shape ({T}, {D}), ({B}, {T}, {D}) or (1, {T}, {D}) for q of shape "
+                         f"{tuple(q.shape)}, got {shape}")
     check_same_device(OP.name, q=q, k=k, cos=cos, sin=sin)
 
 
@@ -156,14 +152,8 @@ _dispatch.register_kernels(_apply_rope_fwd_triton, _apply_rope_bwd_triton, **_KE
 # ---------------------------------------------------------------------------------------------------------------
 # Public op
 # ---------------------------------------------------------------------------------------------------------------
-def apply_rope(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    *,
-    backend: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+               backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE on q (B, H, T, D) and k (B, Hkv, T, D) with cos/sin (T, D) | (B, T, D) → (q_out, k_out) in q's dtype."""
     _validate(q, k, cos, sin)
     name = OP.resolve(q.device, backend, dtype=q.dtype)

@@ -52,9 +52,8 @@ def _validate(op: str, gate: torch.Tensor, up: torch.Tensor, approximate: str | 
     check_float("gate", gate, op)
     check_float("up", up, op)
     if gate.shape != up.shape:
-        raise ValueError(
-            f"{op}: gate and up must have the same shape, got gate {tuple(gate.shape)} and up {tuple(up.shape)}"
-        )
+        raise ValueError(f"{op}: gate and up must have the same shape, got gate {tuple(gate.shape)} and up "
+                         f"{tuple(up.shape)}")
     if gate.dim() < 1:
         raise ValueError(f"{op}: gate and up need at least one dimension, got shape {tuple(gate.shape)}")
     if gate.dtype != up.dtype:
@@ -72,10 +71,7 @@ def _fake_out(gate, up, *args):
 
 
 def _fake_bwd(grad, gate, up, *args):
-    return (
-        torch.empty_like(gate, memory_format=torch.contiguous_format),
-        torch.empty_like(up, memory_format=torch.contiguous_format),
-    )
+    return _fake_out(gate, up), _fake_out(up, gate)
 
 
 def _setup_context(ctx, inputs, output):
@@ -112,9 +108,8 @@ def _geglu_fwd_triton(gate: torch.Tensor, up: torch.Tensor, approximate: str) ->
 
 
 @torch.library.custom_op("intro2llm::geglu_bwd_triton", mutates_args=())
-def _geglu_bwd_triton(
-    grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, approximate: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _geglu_bwd_triton(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                      approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
     from intro2llm.kernels.swiglu import glu_bwd
 
     act = "gelu_tanh" if approximate == "tanh" else "gelu"
@@ -142,9 +137,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
     return torch.ops.intro2llm.swiglu_fwd(gate, up)
 
 
-def geglu(
-    gate: torch.Tensor, up: torch.Tensor, approximate: str = "none", *, backend: str | None = None
-) -> torch.Tensor:
+def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none", *,
+          backend: str | None = None) -> torch.Tensor:
     """gelu(gate, approximate) * up: gate/up (..., F) fp32/bf16/fp16, approximate "none" | "tanh" → (..., F)."""
     _validate("geglu", gate, up, approximate)
     name = GEGLU.resolve(gate.device, backend, dtype=gate.dtype)
