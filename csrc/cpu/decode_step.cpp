@@ -21,6 +21,9 @@
 
 #include "rows.h"
 
+// full unrolling of a register tile's small constant loops (GCC; clang reads the same pragma)
+#define I2L_UNROLL _Pragma("GCC unroll 16")
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -100,8 +103,8 @@ I2L_CLONES void attend_row(const float* __restrict q, const float* __restrict K,
 constexpr int64_t kMaxRows = 8;
 
 template <int R>
-I2L_CLONES void gemm_tile_rows(const float* __restrict X, int64_t ldx, const float* __restrict W, int64_t N,
-                               int64_t K, float* __restrict Y, int64_t ldy, int64_t n0, bool accumulate) {
+I2L_CLONES void gemm_tile_rows_wide(const float* __restrict X, int64_t ldx, const float* __restrict W, int64_t N,
+                                    int64_t K, float* __restrict Y, int64_t ldy, int64_t n0, bool accumulate) {
   v16 a0[R], a1[R];
   for (int r = 0; r < R; ++r) {
     if (accumulate) {
@@ -125,6 +128,50 @@ I2L_CLONES void gemm_tile_rows(const float* __restrict X, int64_t ldx, const flo
   for (int r = 0; r < R; ++r) {
     std::memcpy(Y + r * ldy + n0, &a0[r], sizeof(v16));
     std::memcpy(Y + r * ldy + n0 + 16, &a1[r], sizeof(v16));
+  }
+}
+
+// Without AVX-512 (simd.h: wide_vectors()) the same tile in register-sized pieces: 16 columns (two 8-float
+// vectors) of up to 4 rows, R·2 accumulators and 2 W vectors within AVX2's 16 registers (loops over r unrolled:
+// as loops, GCC keeps the accumulators on the stack).
+template <int R>
+I2L_CLONES void gemm_slab_narrow(const float* __restrict X, int64_t ldx, const float* __restrict W, int64_t N,
+                                 int64_t K, float* __restrict Y, int64_t ldy, int64_t n0, bool accumulate) {
+  v8 a0[R], a1[R];
+  I2L_UNROLL for (int r = 0; r < R; ++r) {
+    if (accumulate) {
+      std::memcpy(&a0[r], Y + r * ldy + n0, sizeof(v8));
+      std::memcpy(&a1[r], Y + r * ldy + n0 + 8, sizeof(v8));
+    } else {
+      a0[r] = v8{};
+      a1[r] = v8{};
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    v8 w0, w1;
+    std::memcpy(&w0, W + k * N + n0, sizeof(v8));
+    std::memcpy(&w1, W + k * N + n0 + 8, sizeof(v8));
+    I2L_UNROLL for (int r = 0; r < R; ++r) {
+      const float x = X[r * ldx + k];
+      a0[r] += x * w0;
+      a1[r] += x * w1;
+    }
+  }
+  I2L_UNROLL for (int r = 0; r < R; ++r) {
+    std::memcpy(Y + r * ldy + n0, &a0[r], sizeof(v8));
+    std::memcpy(Y + r * ldy + n0 + 8, &a1[r], sizeof(v8));
+  }
+}
+
+// Y's 32 columns from n0 for R rows (R <= kMaxRows = 8)
+template <int R>
+inline void gemm_tile_rows(const float* X, int64_t ldx, const float* W, int64_t N, int64_t K, float* Y, int64_t ldy,
+                           int64_t n0, bool accumulate) {
+  if (wide_vectors()) return gemm_tile_rows_wide<R>(X, ldx, W, N, K, Y, ldy, n0, accumulate);
+  constexpr int A = R < 4 ? R : 4;  // rows of the first pass; the rest (R - 4 <= 4) in a second
+  for (int64_t h = 0; h < 32; h += 16) {
+    gemm_slab_narrow<A>(X, ldx, W, N, K, Y, ldy, n0 + h, accumulate);
+    if constexpr (R > 4) gemm_slab_narrow<R - 4>(X + 4 * ldx, ldx, W, N, K, Y + 4 * ldy, ldy, n0 + h, accumulate);
   }
 }
 

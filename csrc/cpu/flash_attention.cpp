@@ -35,6 +35,9 @@
 #include "op_checks.h"
 #include "simd.h"
 
+// full unrolling of a register tile's small constant loops (GCC; clang reads the same pragma)
+#define I2L_UNROLL _Pragma("GCC unroll 16")
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -215,16 +218,17 @@ void parallel_tasks(int64_t n, const Fn& fn, int64_t grain = 1) {
 // ---- register micro-kernels --------------------------------------------------------------------------------------
 // MKL packs both operands on every call, and at the sizes of one query block (32 rows against a few hundred keys)
 // that packing cost as much as the multiply-adds. These kernels read K and V rows in place and keep their output
-// tile in registers (16-float GCC vectors: one AVX-512 register, two AVX2 ones).
+// tile in registers: 16-float GCC vectors where the CPU has AVX-512 (pv_tile_wide, st_tile_wide), 8-float ones
+// in register-sized pieces elsewhere (pv_tile_narrow, st_tile_narrow; simd.h: wide_vectors()).
 
 // O (R rows at O, NV·16 columns from c0) = alpha ∘ O + P (R × keys [j0, j1)) · V (keys × ·, row stride ldv): alpha
 // (one factor per row, nullptr: 1) is the online softmax's rescaling. P's entry (i, j) is P[i·si + j·sj]: row-major
 // P has (si, sj) = (ldp, 1), the forward's Pᵀ has (1, kLanes). With dst, the result times post (one factor per
 // row: 1/l) goes to the rows dst[i] instead of back to O: the forward's last chunk writes its output directly.
 template <int R, int NV>
-I2L_CLONES void pv_tile(const float* __restrict P, int64_t si, int64_t sj, const float* __restrict V, int64_t ldv,
-                        int64_t j0, int64_t j1, float* __restrict O, int64_t ldo, int64_t c0,
-                        const float* __restrict alpha, float* const* dst = nullptr, const float* post = nullptr) {
+I2L_CLONES void pv_tile_wide(const float* __restrict P, int64_t si, int64_t sj, const float* __restrict V,
+                             int64_t ldv, int64_t j0, int64_t j1, float* __restrict O, int64_t ldo, int64_t c0,
+                             const float* __restrict alpha, float* const* dst, const float* post) {
   v16 acc[R][NV];
   for (int i = 0; i < R; ++i) {
     for (int c = 0; c < NV; ++c) {
@@ -250,6 +254,51 @@ I2L_CLONES void pv_tile(const float* __restrict P, int64_t si, int64_t sj, const
   }
   for (int i = 0; i < R; ++i)
     for (int c = 0; c < NV; ++c) std::memcpy(O + i * ldo + c0 + 16 * c, &acc[i][c], sizeof(v16));
+}
+
+// The same tile with 8-float vectors, one 16-column slab at a time: R·2 accumulators and 2 V vectors stay within
+// AVX2's 16 registers (P's entries are re-read once per slab). The small loops are unrolled by pragma: left as
+// loops, GCC keeps the accumulator arrays on the stack.
+template <int R, int NV>
+I2L_CLONES void pv_tile_narrow(const float* __restrict P, int64_t si, int64_t sj, const float* __restrict V,
+                               int64_t ldv, int64_t j0, int64_t j1, float* __restrict O, int64_t ldo, int64_t c0,
+                               const float* __restrict alpha, float* const* dst, const float* post) {
+  for (int c = 0; c < NV; ++c) {
+    const int64_t col = c0 + 16 * c;
+    v8 acc[R][2];
+    I2L_UNROLL for (int i = 0; i < R; ++i) {
+      I2L_UNROLL for (int h = 0; h < 2; ++h) {
+        std::memcpy(&acc[i][h], O + i * ldo + col + 8 * h, sizeof(v8));
+        if (alpha != nullptr) acc[i][h] *= alpha[i];
+      }
+    }
+    for (int64_t j = j0; j < j1; ++j) {
+      v8 vv[2];
+      I2L_UNROLL for (int h = 0; h < 2; ++h) std::memcpy(&vv[h], V + j * ldv + col + 8 * h, sizeof(v8));
+      I2L_UNROLL for (int i = 0; i < R; ++i) {
+        const float pij = P[i * si + j * sj];
+        I2L_UNROLL for (int h = 0; h < 2; ++h) acc[i][h] += pij * vv[h];
+      }
+    }
+    I2L_UNROLL for (int i = 0; i < R; ++i) {
+      I2L_UNROLL for (int h = 0; h < 2; ++h) {
+        if (dst != nullptr) {
+          const v8 y = acc[i][h] * post[i];
+          std::memcpy(dst[i] + col + 8 * h, &y, sizeof(v8));
+        } else {
+          std::memcpy(O + i * ldo + col + 8 * h, &acc[i][h], sizeof(v8));
+        }
+      }
+    }
+  }
+}
+
+template <int R, int NV>
+inline void pv_tile(const float* P, int64_t si, int64_t sj, const float* V, int64_t ldv, int64_t j0, int64_t j1,
+                    float* O, int64_t ldo, int64_t c0, const float* alpha, float* const* dst = nullptr,
+                    const float* post = nullptr) {
+  if (wide_vectors()) return pv_tile_wide<R, NV>(P, si, sj, V, ldv, j0, j1, O, ldo, c0, alpha, dst, post);
+  pv_tile_narrow<R, NV>(P, si, sj, V, ldv, j0, j1, O, ldo, c0, alpha, dst, post);
 }
 
 // O (M × D) += P (M × n, row-major, row stride ldp) V (n × D): D a multiple of 16 (16, 32, 64, 128).
@@ -347,8 +396,8 @@ I2L_CLONES void scale_copy(const float* src, float* dst, int64_t n, float a) {
 I2L_NO_TRAPPING_MATH_BEGIN
 // Sᵀ (R keys × NV·16 lanes) = K (R rows, stride ldk) · Qᵀ (D × the NV slabs Qt points at); row stride kLanes.
 template <int R, int NV>
-I2L_CLONES void st_tile(const float* __restrict K, int64_t ldk, const float* __restrict Qt, int64_t D,
-                        float* __restrict St) {
+I2L_CLONES void st_tile_wide(const float* __restrict K, int64_t ldk, const float* __restrict Qt, int64_t D,
+                             float* __restrict St) {
   v16 acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < NV; ++c) acc[r][c] = v16{};
@@ -362,6 +411,36 @@ I2L_CLONES void st_tile(const float* __restrict K, int64_t ldk, const float* __r
   }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < NV; ++c) std::memcpy(St + r * kLanes + 16 * c, &acc[r][c], sizeof(v16));
+}
+
+// The same tile with 8-float vectors, RR keys at a time so that RR·W accumulators (W = 2·NV vectors a key) plus the
+// W Qᵀ vectors fit AVX2's 16 registers (Qᵀ, in L1, is re-read once per RR keys).
+template <int R, int NV>
+I2L_CLONES void st_tile_narrow(const float* __restrict K, int64_t ldk, const float* __restrict Qt, int64_t D,
+                               float* __restrict St) {
+  constexpr int W = 2 * NV, RR = R < 8 / W ? R : 8 / W;
+  static_assert(R % RR == 0, "st_tile_narrow: R must be a multiple of the keys per pass");
+  for (int r0 = 0; r0 < R; r0 += RR) {
+    v8 acc[RR][W];
+    I2L_UNROLL for (int r = 0; r < RR; ++r)
+      I2L_UNROLL for (int c = 0; c < W; ++c) acc[r][c] = v8{};
+    for (int64_t d = 0; d < D; ++d) {
+      v8 qv[W];
+      I2L_UNROLL for (int c = 0; c < W; ++c) std::memcpy(&qv[c], Qt + d * kLanes + 8 * c, sizeof(v8));
+      I2L_UNROLL for (int r = 0; r < RR; ++r) {
+        const float kr = K[(r0 + r) * ldk + d];
+        I2L_UNROLL for (int c = 0; c < W; ++c) acc[r][c] += kr * qv[c];
+      }
+    }
+    I2L_UNROLL for (int r = 0; r < RR; ++r)
+      I2L_UNROLL for (int c = 0; c < W; ++c) std::memcpy(St + (r0 + r) * kLanes + 8 * c, &acc[r][c], sizeof(v8));
+  }
+}
+
+template <int R, int NV>
+inline void st_tile(const float* K, int64_t ldk, const float* Qt, int64_t D, float* St) {
+  if (wide_vectors()) return st_tile_wide<R, NV>(K, ldk, Qt, D, St);
+  st_tile_narrow<R, NV>(K, ldk, Qt, D, St);
 }
 
 // n keys' scores for NV slabs: kKeyGroup keys per tile, the remainder by 4s and 1s.

@@ -43,6 +43,22 @@ namespace intro2llm {
 // in v3, four SSE2 ones in the baseline build.
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
+// 8 floats: one AVX2 register. Register-tiled kernels (a tile of accumulators kept in registers) use v16 tiles
+// only where wide_vectors(): AVX2 has 16 registers of 8 floats, and a tile sized for AVX-512's 32 registers of 16
+// spills to the stack there (flash attention ran at 0.1x SDPA that way); they take v8 tiles otherwise.
+typedef float v8 __attribute__((vector_size(32)));
+
+inline bool wide_vectors() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  static const bool wide = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return wide;
+#else
+  return false;
+#endif
+}
 
 namespace {  // internal linkage: every kernel file gets its own clones
 
