@@ -3,7 +3,9 @@
 ``EvalSets.build(size)`` fixes the sets once (seeded, independent of the training seed); ``evaluate_stage`` scores
 one checkpoint directory on them:
 
-- ``loss`` / ``perplexity``: mean next-token cross-entropy on held-out problem texts (``Q: a+b=?\\nA: c\\n<eos>``);
+- ``loss`` / ``perplexity``: mean next-token cross-entropy on the answers of held-out problems (`` c\\n`` and the end
+  token after ``Q: a+b=?\\nA:``: the tokens every stage trains); ``text_loss`` over the whole text, prompt included
+  (after SFT it grows large: the prompt tokens are no longer trained, and the model stops predicting them);
 - ``accuracy``: greedy exact match on the held-out 2-digit additions (the set ``intro2llm sft`` reports: seed
   ``EVAL_SEED``), and ``accuracy_by_op`` on every arithmetic operation of the pretraining mix;
 - ``reward``: mean ``synthetic.reward`` of those greedy answers (1 right, 0.1 well-formed but wrong, 0 else);
@@ -73,18 +75,23 @@ class EvalSets:
 
 
 @torch.no_grad()
-def _text_loss(model: Any, ids_list: list[list[int]]) -> float:
-    """Mean next-token loss over all tokens of the given id sequences (each scored on its own)."""
+def _text_loss(model: Any, ids_list: list[list[int]], masks: list[list[bool]] | None = None) -> float:
+    """Mean next-token loss over the tokens of the given id sequences (each scored on its own); with ``masks``, only
+    over the tokens whose mask entry is True (a token is predicted from the ones before it)."""
     total, count = 0.0, 0
     max_pos = model.config.max_position_embeddings
-    for ids in ids_list:
+    for i, ids in enumerate(ids_list):
         ids = ids[:max_pos]
         if len(ids) < 2:
             continue
         x = torch.tensor([ids])
         logits = model(x).logits[0, :-1].float()  # (T-1, V)
-        total += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
-        count += len(ids) - 1
+        targets = x[0, 1:]
+        if masks is not None:
+            keep = torch.tensor(masks[i][1:len(ids)], dtype=torch.bool)
+            logits, targets = logits[keep], targets[keep]
+        total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        count += targets.numel()
     return total / max(count, 1)
 
 
@@ -125,10 +132,11 @@ def evaluate_stage(ckpt_dir: str, sets: EvalSets, humaneval_tokens: int = 32) ->
     model.eval()
     template = chat.read_chat_template_name(ckpt_dir) or "plain"
     res: dict[str, Any] = {}
-    lm_ids = [chat.encode_conversation(tok, template, chat.pair_to_messages(p, r))[0] for p, r in sets.lm_pairs]
-    loss = _text_loss(model, lm_ids)
+    encoded = [chat.encode_conversation(tok, template, chat.pair_to_messages(p, r)) for p, r in sets.lm_pairs]
+    loss = _text_loss(model, [ids for ids, _ in encoded], [mask for _, mask in encoded])
     res["loss"] = round(loss, 4)
     res["perplexity"] = round(math.exp(min(loss, 50.0)), 4)
+    res["text_loss"] = round(_text_loss(model, [ids for ids, _ in encoded]), 4)
     by_op, samples = {}, []
     for name, pairs in sets.by_op.items():
         prompts = [p for p, _ in pairs]

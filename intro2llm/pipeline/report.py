@@ -223,8 +223,9 @@ def render_report(summary: dict, state: dict, plots: list[str]) -> str:
             lines.append(f"| `{a['prompt'].replace(chr(10), ' ')}` | {a['expected']} | `{a['answer']}` | "
                          f"`{b['answer']}` |")
     lines += ["", "## What the numbers are", "",
-              "- held-out loss / perplexity: next-token cross-entropy on held-out problem texts "
-              "(`Q: a+b=?\\nA: c` + end token) in the stage's chat template;",
+              "- held-out loss / perplexity: next-token cross-entropy on the answers (` c\\n` + end token) of held-out "
+              "problems `Q: a+b=?\\nA:` in the stage's chat template — the tokens every stage trains; summary.json's "
+              "`text_loss` scores the whole text, prompt included (it grows after SFT: prompts are no longer trained);",
               "- 2-digit add exact match: greedy answers to the 200 held-out 2-digit additions that `intro2llm sft` "
               "reports (never in any training set); per operation: 50 fresh problems each;",
               "- mean reward: `synthetic.reward` of those answers (1 right, 0.1 a well-formed wrong number, 0 else);",
