@@ -14,6 +14,7 @@ ratio survives a noisy shared machine. Peak memory: each side runs in a fresh su
 is read and ``VmHWM`` reset (``5`` into ``/proc/self/clear_refs``), then the model and optimizer are built and 3
 steps run; the figure is ``VmHWM - VmRSS before`` (weights + grads + Adam state + activations + temporaries).
 Linux only for memory (``/proc``).
+
 Data parallelism (issue 21): ``python benchmarks/bench_train.py --parallel [--presets tiny,small]`` runs the
 ``Trainer`` (our fused AdamW, fp32, global batch ``--batch`` x ``--seq``) as 1 process, DDP x 2 and FSDP x 2
 (``torchrun --standalone``; the CPU threads are split so every configuration uses ``--threads`` cores in all) and
