@@ -42,18 +42,5 @@ os.environ["PYTHONSAFEPATH"] = "1"
 torch.set_num_threads(int(os.environ.get("INTRO2LLM_TEST_THREADS", "1")))
 
 
-def pytest_sessionstart(session):
-    from intro2llm.testing import require_extension_if_asked
-
-    require_extension_if_asked()
-
-
-def pytest_collection_modifyitems(config, items):
-    import pytest
-
-    if torch.cuda.is_available():
-        return
-    skip_gpu = pytest.mark.skip(reason="gpu: needs a CUDA device, none is visible")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
+# the pytest hooks (CI's missing-extension check, the gpu skip) are the same for the repository and a workspace
+from intro2llm.testing import pytest_collection_modifyitems, pytest_sessionstart  # noqa: E402, F401
