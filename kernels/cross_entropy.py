@@ -19,9 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
+from intro2llm.course import lesson_task
+
 MAX_BLOCK_V = 4096  # one vocabulary tile: 16 KB of fp32 per program on GPU
 
 
+@lesson_task(6)  # course mode: blanked with --include-kernels
 @triton.jit
 def _cross_entropy_fwd_kernel(
     x_ptr,  # (N, V) logits, rows contiguous, any float dtype

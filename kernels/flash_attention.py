@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from intro2llm.course import lesson_task
+
 
 @triton.jit
 def _keep_mask(
@@ -71,6 +73,7 @@ def _key_range(
     return lo, hi
 
 
+@lesson_task(15)  # course mode: blanked with --include-kernels
 @triton.jit
 def _flash_attention_fwd_kernel(
     q_ptr,  # (B, H, Tq, D) contiguous

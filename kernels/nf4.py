@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from intro2llm.course import lesson_task
+
 
 @triton.jit
 def _decode_tile(
@@ -59,6 +61,7 @@ def _dot_add(acc, a, b, out_ptr, DOT_FP32: tl.constexpr):
     return acc
 
 
+@lesson_task(14)  # course mode: blanked with --include-kernels
 @triton.jit
 def _nf4_matmul_fwd_kernel(
     x_ptr,  # (M, K) activations, contiguous

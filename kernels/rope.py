@@ -19,10 +19,13 @@ import torch
 import triton
 import triton.language as tl
 
+from intro2llm.course import lesson_task
+
 MAX_HEADS = 256
 MAX_HEAD_DIM = 1024
 
 
+@lesson_task(1)  # course mode: blanked with --include-kernels
 @triton.jit
 def _rope_kernel(
     q_ptr,  # (B, H, T, D) input, any strides with unit stride on D

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from intro2llm.course import lesson_task
+
 ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 
 
@@ -51,6 +53,7 @@ def _act(x, ACT: tl.constexpr):
     return a
 
 
+@lesson_task(3)  # course mode: blanked with --include-kernels
 @triton.jit
 def _glu_fwd_kernel(
     g_ptr,  # (N,) gate, contiguous

@@ -261,8 +261,9 @@ def _check_lesson(n: int, root: Path) -> list[str]:
     if not records:
         return [f"lesson {n}: pytest ran no task-marked test (exit {code}): {output.strip()[-300:]}"]
     results, _ = ws.grade(ws.lesson_tasks(manifest, n), records)
-    problems = [f"lesson {n}: test {r['nodeid']} names unknown task(s) {sorted(set(r['tasks']) - set(tasks))}"
-                for r in records if set(r["tasks"]) - set(tasks)]
+    known = {t["name"] for t in manifest["tasks"] if t["lesson"] == n}  # with kernel tasks (--include-kernels)
+    problems = [f"lesson {n}: test {r['nodeid']} names unknown task(s) {sorted(set(r['tasks']) - known)}"
+                for r in records if set(r["tasks"]) - known]
     for r in results:
         if r.passed + r.failed + r.skipped == 0:
             problems.append(f"lesson {n}: task {r.name} has no @pytest.mark.task test")
@@ -272,13 +273,31 @@ def _check_lesson(n: int, root: Path) -> list[str]:
     return problems
 
 
+def _check_kernel_tasks(root: Path) -> list[str]:
+    """With --include-kernels, every marked Triton kernel fails >= 1 of the tests that grade it."""
+    lessons = sorted({t.lesson for t in ws.scan_tasks() if t.kernel})
+    if not lessons:
+        return ["no Triton kernel is marked @lesson_task: --include-kernels would change nothing"]
+    dest = root / "kernels"
+    manifest = ws.init_workspace(dest, lessons, include_kernels=True, link_binaries=True)
+    tasks = [t for t in manifest["tasks"] if t["kernel"]]
+    code, records, output = ws.run_tests(dest, [manifest["lesson_dirs"][str(n)] + "/testcases" for n in lessons],
+                                         only_tasks=True, timeout=600)
+    if not records:
+        return [f"kernel tasks: pytest ran no task-marked test (exit {code}): {output.strip()[-300:]}"]
+    results, _ = ws.grade(tasks, records)
+    return [f"kernel task {r.name}: no test fails with its body blanked ({r.passed} passed, {r.skipped} skipped)"
+            for r in results if r.failed == 0]
+
+
 @needs_checkout
 @pytest.mark.slow
 def test_every_lesson_blank_workspace_fails_every_task(tmp_path):
-    """One pytest per lesson over its task-marked tests, two at a time; the reference passes the same tests in the
-    normal suite (tutorial/)."""
+    """One pytest per lesson over its task-marked tests, two at a time, and one over the lessons with marked Triton
+    kernels blanked too (--include-kernels); the reference passes the same tests in the normal suite (tutorial/)."""
+    jobs = [lambda n=n: _check_lesson(n, tmp_path) for n in LESSONS] + [lambda: _check_kernel_tasks(tmp_path)]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        problems = [p for ps in pool.map(lambda n: _check_lesson(n, tmp_path), LESSONS) for p in ps]
+        problems = [p for ps in pool.map(lambda job: job(), jobs) for p in ps]
     assert not problems, "\n".join(problems)
 
 

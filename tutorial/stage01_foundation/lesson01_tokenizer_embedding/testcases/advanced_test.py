@@ -132,3 +132,18 @@ def test_embedding_model_without_rope_is_order_sensitive_only_through_positions(
     ids = torch.tensor([[1, 2, 3, 4]])
     swapped = torch.tensor([[2, 1, 3, 4]])
     assert not torch.allclose(model(ids).logits[0, -1], model(swapped).logits[0, -1])
+
+
+# ---- course mode, --include-kernels: the Triton forward kernel (on CPU it runs in Triton's interpreter), fp32
+@pytest.mark.skipif("triton" not in __import__("intro2llm.ops", fromlist=["x"]).available_backends(),
+                    reason="triton: not installed (pip install triton)")
+@pytest.mark.task("_rope_kernel")
+def test_triton_rope_kernel_matches_reference():
+    import intro2llm.ops as ops
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 8, 16), torch.randn(1, 1, 8, 16)
+    ang = torch.randn(8, 8)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    for got, want in zip(ops.apply_rope(q, k, cos, sin, backend="triton"), ops.apply_rope_reference(q, k, cos, sin)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -111,3 +111,16 @@ def test_padding_mask_real_tokens_ignore_pads():
     torch.testing.assert_close(out, attn(real), atol=1e-5, rtol=1e-5)
     # the first pad query sees no key at all: attention output 0, so o_proj (no bias) gives exactly 0
     assert torch.equal(attn(padded, key_padding_mask=pad)[0, 0], torch.zeros(32))
+
+
+# ---- course mode, --include-kernels: the Triton forward kernel (on CPU it runs in Triton's interpreter), fp32
+@pytest.mark.skipif("triton" not in __import__("intro2llm.ops", fromlist=["x"]).available_backends(),
+                    reason="triton: not installed (pip install triton)")
+@pytest.mark.task("_rms_norm_fwd_kernel")
+def test_triton_rms_norm_kernel_matches_reference():
+    import intro2llm.ops as ops
+
+    torch.manual_seed(0)
+    x, w = torch.randn(6, 32), torch.rand(32) + 0.5
+    torch.testing.assert_close(ops.rms_norm(x, w, backend="triton"), ops.rms_norm_reference(x, w), atol=1e-5,
+                               rtol=1e-5)

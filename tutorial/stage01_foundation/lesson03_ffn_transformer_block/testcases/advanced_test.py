@@ -63,3 +63,16 @@ def test_dropout_only_in_training():
     assert not torch.equal(blk(x), blk(x))
     blk.eval()
     assert torch.equal(blk(x), blk(x))
+
+
+# ---- course mode, --include-kernels: the Triton forward kernel (on CPU it runs in Triton's interpreter), fp32
+@pytest.mark.skipif("triton" not in __import__("intro2llm.ops", fromlist=["x"]).available_backends(),
+                    reason="triton: not installed (pip install triton)")
+@pytest.mark.task("_glu_fwd_kernel")
+def test_triton_swiglu_kernel_matches_reference():
+    import intro2llm.ops as ops
+
+    torch.manual_seed(0)
+    gate, up = torch.randn(6, 48), torch.randn(6, 48)
+    torch.testing.assert_close(ops.swiglu(gate, up, backend="triton"), ops.swiglu_reference(gate, up), atol=1e-5,
+                               rtol=1e-5)

@@ -5,6 +5,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from intro2llm.data import dedup, filtering, pretrain_dataset
 from intro2llm.data.synthetic import pretrain_documents
@@ -77,3 +78,17 @@ def test_bad_data_is_caught_before_training(tmp_path):
     pretrain_dataset.write_shards(["some text here"], ByteTokenizer(), tmp_path / "d")
     with pytest.raises(ValueError, match="vocab_size 100"):
         pretrain_dataset.PretrainDataset(tmp_path / "d", block_size=4, vocab_size=100)
+
+
+# ---- course mode, --include-kernels: the Triton forward kernel (on CPU it runs in Triton's interpreter), fp32
+@pytest.mark.skipif("triton" not in __import__("intro2llm.ops", fromlist=["x"]).available_backends(),
+                    reason="triton: not installed (pip install triton)")
+@pytest.mark.task("_cross_entropy_fwd_kernel")
+def test_triton_cross_entropy_kernel_matches_reference():
+    import intro2llm.ops as ops
+
+    torch.manual_seed(0)
+    logits, targets = torch.randn(6, 50), torch.randint(0, 50, (6,))
+    targets[1] = -100
+    torch.testing.assert_close(ops.cross_entropy(logits, targets, backend="triton"),
+                               ops.cross_entropy_reference(logits, targets), atol=1e-5, rtol=1e-5)

@@ -97,3 +97,17 @@ def test_merge_for_inference_and_generate_on_a_quantized_model():
     q = get_lora_model(prepare_qlora_model(model()), r=4, alpha=8).eval()
     out = q.generate(ids, max_new_tokens=4)
     assert out.shape == (2, 10) and torch.equal(out, q.generate(ids, max_new_tokens=4, use_cache=False))
+
+
+# ---- course mode, --include-kernels: the Triton forward kernel (on CPU it runs in Triton's interpreter), fp32
+@pytest.mark.skipif("triton" not in __import__("intro2llm.ops", fromlist=["x"]).available_backends(),
+                    reason="triton: not installed (pip install triton)")
+@pytest.mark.task("_nf4_matmul_fwd_kernel")
+def test_triton_nf4_matmul_kernel_matches_reference():
+    import intro2llm.ops as ops
+
+    torch.manual_seed(0)
+    w = ops.nf4_quantize(torch.randn(32, 64))
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(ops.nf4_matmul(x, w, backend="triton"), ops.nf4_matmul_reference(x, w), atol=1e-4,
+                               rtol=1e-4)

@@ -122,3 +122,14 @@ def test_sparse_layout_keeps_local_global_and_random_blocks():
         assert len(row - local - {0}) == min(2, max(0, i + 1 - len(local | {0})))  # random picks among the rest
     # the work: at most 3 + 1 + 2 tiles per row (linear in T), where causal attention computes 16·17/2 = 136
     assert layout.sum() <= 16 * 6 < 136
+
+
+# ---- course mode, --include-kernels: the Triton forward kernel (on CPU it runs in Triton's interpreter), fp32
+@pytest.mark.skipif("triton" not in __import__("intro2llm.ops", fromlist=["x"]).available_backends(),
+                    reason="triton: not installed (pip install triton)")
+@pytest.mark.task("_flash_attention_fwd_kernel")
+def test_triton_flash_attention_kernel_matches_reference():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 16, 16), torch.randn(1, 1, 16, 16), torch.randn(1, 1, 16, 16)
+    torch.testing.assert_close(ops.flash_attention(q, k, v, causal=True, backend="triton"),
+                               ops.flash_attention_reference(q, k, v, causal=True), atol=1e-5, rtol=1e-5)
