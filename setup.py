@@ -28,25 +28,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 REQUIRE_EXT = os.environ.get("INTRO2LLM_REQUIRE_EXT", "0") == "1"
-PACKAGES = [
-    "intro2llm",
-    "intro2llm.ops",
-    "intro2llm.tokenizer",
-    "intro2llm.model",
-    "intro2llm.configs",
-    "intro2llm.data",
-    "intro2llm.loss",
-    "intro2llm.optimizer",
-    "intro2llm.training",
-    "intro2llm.evaluation",
-    "intro2llm.interop",
-    "intro2llm.kernels",
-]
+# every package under intro2llm/ (a new subpackage ships without a change here), plus the Triton kernels that live
+# at the top-level kernels/ and install as intro2llm.kernels
+PACKAGES = sorted(find_packages(where=ROOT, include=["intro2llm", "intro2llm.*"])) + ["intro2llm.kernels"]
 
 
 def _load_recipe():
