@@ -193,12 +193,13 @@ def scan_tasks(pkg: Path | None = None, kernels: Path | None = None) -> list[Mar
     pkg = pkg or package_dir()
     kernels = kernels if kernels is not None else kernels_dir()
     roots = [(pkg, "", False)]
-    if kernels is not None and kernels != pkg / "kernels":
+    separate = kernels is not None and kernels != pkg / "kernels"  # it replaces pkg/kernels in a workspace
+    if separate:
         roots.append((kernels, "kernels/", True))
     tasks = []
     for root, prefix, is_kernel in roots:
         for path in sorted(root.rglob("*.py")):
-            if "__pycache__" in path.parts:
+            if "__pycache__" in path.parts or (separate and root == pkg and path.is_relative_to(pkg / "kernels")):
                 continue
             rel = prefix + path.relative_to(root).as_posix()
             text = path.read_text(encoding="utf-8")
@@ -321,7 +322,8 @@ def init_workspace(dest: str | os.PathLike, lessons: list[int] | None = None, *,
     try:
         copy = lambda s, d: _copy_file(s, d, link_binaries)  # noqa: E731
         shutil.copytree(pkg, tmp / "intro2llm", ignore=_IGNORE, copy_function=copy, symlinks=False)
-        if kern is not None and kern != pkg / "kernels":
+        if kern is not None and kern != pkg / "kernels":  # the kernels live elsewhere (editable install: kernels/)
+            shutil.rmtree(tmp / "intro2llm" / "kernels", ignore_errors=True)  # never a mix of two copies
             shutil.copytree(kern, tmp / "intro2llm" / "kernels", ignore=_IGNORE, copy_function=copy)
         from intro2llm import _ext
 
