@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -273,31 +274,15 @@ class CausalLM(nn.Module):
     # ------------------------------------------------------------------------------------------------ generation
     @torch.no_grad()  # not inference_mode: the returned ids must be usable in a later training forward
     @lesson_task(4)
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        max_new_tokens: int,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        repetition_penalty: float = 1.0,
-        eos_token_id: int | None = None,
-        attention_mask: torch.Tensor | None = None,
-        use_cache: bool = True,
-        generator: torch.Generator | None = None,
-        pad_token_id: int | None = None,
-    ) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **options: Any) -> torch.Tensor:
         """(B, T0) prompt (left-padded, with ``attention_mask``) → (B, T0 + n) prompt + generated tokens.
 
-        n ≤ ``max_new_tokens``: generation stops early when every row has produced ``eos_token_id``; rows
-        that finished earlier are filled with ``pad_token_id`` (default: config.pad_token_id, else the eos id).
+        ``options`` are ``stream_generate``'s keyword arguments (sampling, ``eos_token_id``, ``attention_mask``,
+        ``use_cache``, ...). n ≤ ``max_new_tokens``: generation stops early when every row has produced
+        ``eos_token_id``; rows that finished earlier are filled with ``pad_token_id`` (default:
+        config.pad_token_id, else the eos id).
         """
-        steps = list(self.stream_generate(
-            input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, attention_mask=attention_mask,
-            use_cache=use_cache, generator=generator, pad_token_id=pad_token_id,
-        ))
+        steps = list(self.stream_generate(input_ids, max_new_tokens, **options))
         if not steps:
             return input_ids.clone()
         return torch.cat([input_ids, torch.stack(steps, dim=1).to(input_ids.dtype)], dim=1)
@@ -319,7 +304,11 @@ class CausalLM(nn.Module):
         generator: torch.Generator | None = None,
         pad_token_id: int | None = None,
     ) -> Iterator[torch.Tensor]:
-        """Yields the next token of every row, a (B,) int64 tensor per step (same arguments as ``generate``)."""
+        """Yields the next token of every row, a (B,) int64 tensor per step; ``generate`` collects them.
+
+        Greedy unless ``do_sample`` (then ``temperature``, ``top_k``, ``top_p`` and ``generator`` apply);
+        ``attention_mask`` marks a left-padded batch's real tokens.
+        """
         _check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
         check_token_ids(input_ids, self.config.vocab_size)
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:

@@ -41,12 +41,11 @@ SYNTHETIC_MIX = dict(ops=("+", "+", "-", "*"), min_digits=1, max_digits=2)
 
 
 def register(subparsers) -> None:  # noqa: ANN001 - argparse's private subparsers type
-    p = subparsers.add_parser(
-        "train",
-        help="pretrain a model (default: nano on synthetic arithmetic, ~1.5 min on 2 CPU cores)",
-        description="Pretrain a CausalLM with the intro2llm Trainer; works the same under torchrun (DDP).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    from intro2llm.training.sft_cli import add_command, add_schedule_args
+
+    p = add_command(subparsers, "train",
+                    summary="pretrain a model (default: nano on synthetic arithmetic, ~1.5 min on 2 CPU cores)",
+                    description="Pretrain a CausalLM with the intro2llm Trainer; works the same under torchrun (DDP).")
     p.add_argument("--config", default=DEFAULTS["config"],
                    help="model preset (intro2llm.configs) or a JSON file of ModelConfig fields; vocab_size is set "
                         "from the tokenizer")
@@ -54,15 +53,8 @@ def register(subparsers) -> None:  # noqa: ANN001 - argparse's private subparser
                    help="synthetic | stdlib | PATH (a shard dir with index.json, a text file, or a dir of text)")
     p.add_argument("--eval-data", default=None, help="held-out shard dir (default: DIR/data/val when built here)")
     p.add_argument("--out", default="runs/train", help="output directory DIR")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in DIR")
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
-                   help="global batch (sequences per step, all processes)")
-    p.add_argument("--micro-batch-size", type=int, default=None, help="rows per forward (gradient accumulation)")
+    add_schedule_args(p, DEFAULTS, batch="sequences")
     p.add_argument("--seq-len", type=int, default=DEFAULTS["seq_len"], help="tokens per training sequence")
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="peak learning rate")
-    p.add_argument("--min-lr", type=float, default=None, help="final learning rate (default lr/10)")
-    p.add_argument("--warmup", type=int, default=DEFAULTS["warmup"], help="warmup steps")
     p.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant", "wsd"])
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "lion", "torch-adamw"])
     p.add_argument("--weight-decay", type=float, default=0.1)

@@ -19,9 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
-from intro2llm.training.sft_cli import add_optim_args, add_run_args, check_at_least_one, check_out_dir
+from intro2llm.training.sft_cli import (
+    add_command,
+    add_optim_args,
+    add_run_args,
+    add_schedule_args,
+    check_at_least_one,
+    check_out_dir,
+    train_timed,
+)
 
 # beta 0.5 (not DPOLoss's 0.1) for the default SFT checkpoint (nano preset): with 0.1 the chosen log-probs drift down
 # and held-out exact match fell 4 points in 100 steps; 0.5 keeps the policy nearer the reference (-1.5 points, within
@@ -30,12 +37,9 @@ DEFAULTS = dict(steps=100, batch_size=16, lr=5e-5, warmup=10, num_train=4000, be
 
 
 def register(subparsers) -> None:  # noqa: ANN001 - argparse's private subparsers type
-    p = subparsers.add_parser(
-        "dpo",
-        help="direct preference optimization (DPO/IPO/hinge/robust) against a frozen reference",
-        description="Train a checkpoint on (prompt, chosen, rejected) preference pairs with DPO.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = add_command(subparsers, "dpo",
+                    summary="direct preference optimization (DPO/IPO/hinge/robust) against a frozen reference",
+                    description="Train a checkpoint on (prompt, chosen, rejected) preference pairs with DPO.")
     p.add_argument("--ckpt", required=True, help="input checkpoint dir (policy start and reference)")
     p.add_argument("--data", default="synthetic", help="synthetic | FILE.jsonl ({'prompt','chosen','rejected'})")
     p.add_argument("--eval-data", default=None, help="held-out FILE.jsonl (synthetic: built in)")
@@ -48,12 +52,7 @@ def register(subparsers) -> None:  # noqa: ANN001 - argparse's private subparser
     ref = p.add_mutually_exclusive_group()
     ref.add_argument("--precompute-ref", action="store_true", help="reference log-probs once, then drop it")
     ref.add_argument("--reference-free", action="store_true", help="no reference model (log π_ref = 0)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in DIR")
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="global batch (pairs per step)")
-    p.add_argument("--micro-batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
-    p.add_argument("--warmup", type=int, default=DEFAULTS["warmup"])
+    add_schedule_args(p, DEFAULTS, batch="pairs")
     add_optim_args(p)
     p.add_argument("--max-length", type=int, default=DEFAULTS["max_length"], help="prompt + response tokens")
     p.add_argument("--max-prompt-length", type=int, default=None, help="prompt tokens kept (from the end)")
@@ -149,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     tc = TrainerConfig(
         steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, lr=args.lr,
-        warmup_steps=min(args.warmup, args.steps), schedule=args.schedule, optimizer=args.optimizer,
+        min_lr=args.min_lr, warmup_steps=min(args.warmup, args.steps), schedule=args.schedule, optimizer=args.optimizer,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip or None, precision=args.precision,
         eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep, out_dir=str(out),
         progress=not args.no_progress, tensorboard=not args.no_tensorboard, device=args.device,
@@ -189,14 +188,11 @@ def run(args: argparse.Namespace) -> int:
         before_file.write_text(json.dumps({k: v for k, v in summary.items() if k.endswith("_before")}))
         print(f"before DPO: {json.dumps({k: v for k, v in summary.items() if k.endswith('_before')})}",
               file=sys.stderr)
-    t0 = time.perf_counter()
     try:
-        hist = trainer.train()
+        hist = train_timed(trainer, summary)
     except (NonFiniteLossError, CheckpointError) as exc:
         return _fail(str(exc))
-    summary.update(steps=trainer.step, train_seconds=round(time.perf_counter() - t0, 1))
     if hist:
-        summary["loss"] = round(hist[-1]["loss"], 4)
         summary["train_rewards/margins"] = round(hist[-1]["rewards/margins"], 4)
     summary.update(measure("after"))
     if "accuracy_after" in summary:

@@ -30,12 +30,10 @@ EVAL_SEED = 12345
 
 
 def register(subparsers) -> None:  # noqa: ANN001 - argparse's private subparsers type
-    p = subparsers.add_parser(
-        "sft",
-        help="supervised fine-tuning with a chat template and loss masks (default: synthetic arithmetic)",
-        description="Fine-tune a checkpoint on (prompt, response) conversations; loss on assistant tokens only.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = add_command(
+        subparsers, "sft", summary="supervised fine-tuning with a chat template and loss masks (default: synthetic "
+        "arithmetic)", description="Fine-tune a checkpoint on (prompt, response) conversations; loss on assistant "
+        "tokens only.")
     p.add_argument("--ckpt", required=True, help="input checkpoint dir (config.json, safetensors, tokenizer.json)")
     p.add_argument("--data", default="synthetic", help="synthetic | FILE.jsonl ({'messages': [...]} or "
                                                        "{'prompt', 'response'} per line)")
@@ -45,13 +43,7 @@ def register(subparsers) -> None:  # noqa: ANN001 - argparse's private subparser
     p.add_argument("--system", default=None, help="system prompt added to every synthetic conversation")
     p.add_argument("--show-mask", action="store_true", help="print the first rows with supervised tokens in "
                                                               "[[...]] and exit")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in DIR")
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="global batch (rows per step)")
-    p.add_argument("--micro-batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
-    p.add_argument("--min-lr", type=float, default=None, help="final learning rate (default lr/10)")
-    p.add_argument("--warmup", type=int, default=DEFAULTS["warmup"])
+    add_schedule_args(p, DEFAULTS, batch="rows")
     add_optim_args(p)
     p.set_defaults(weight_decay=DEFAULTS["weight_decay"])
     p.add_argument("--max-length", type=int, default=DEFAULTS["max_length"], help="tokens per row (truncation)")
@@ -74,6 +66,24 @@ def register(subparsers) -> None:  # noqa: ANN001 - argparse's private subparser
 def _fail(msg: str) -> int:
     print(f"intro2llm sft: error: {msg}", file=sys.stderr)
     return 2
+
+
+def add_command(subparsers, name: str, summary: str, description: str) -> argparse.ArgumentParser:  # noqa: ANN001
+    """The parser of ``intro2llm NAME`` (``summary`` in the command list, defaults shown in ``--help``)."""
+    return subparsers.add_parser(name, help=summary, description=description,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def add_schedule_args(p: argparse.ArgumentParser, defaults: dict, batch: str) -> None:
+    """--resume, --steps, --batch-size (global, counted in ``batch``), --micro-batch-size, --lr, --min-lr, --warmup."""
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in DIR")
+    p.add_argument("--steps", type=int, default=defaults["steps"], help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=defaults["batch_size"],
+                   help=f"global batch ({batch} per step, all processes)")
+    p.add_argument("--micro-batch-size", type=int, default=None, help=f"{batch} per forward (gradient accumulation)")
+    p.add_argument("--lr", type=float, default=defaults["lr"], help="peak learning rate")
+    p.add_argument("--min-lr", type=float, default=None, help="final learning rate (default lr/10)")
+    p.add_argument("--warmup", type=int, default=defaults["warmup"], help="warmup steps")
 
 
 def add_optim_args(p: argparse.ArgumentParser) -> None:
@@ -112,6 +122,16 @@ def check_out_dir(out, resume: bool) -> str | None:  # noqa: ANN001 - a pathlib.
     if not resume and latest_checkpoint(out / "checkpoints") is not None:
         return f"{out} already holds checkpoints of a run; pass --resume to continue it, or choose another --out"
     return None
+
+
+def train_timed(trainer, summary: dict) -> list[dict]:  # noqa: ANN001 - a Trainer
+    """``trainer.train()``'s history; records ``steps``, ``train_seconds`` and the last ``loss`` in ``summary``."""
+    t0 = time.perf_counter()
+    hist = trainer.train()
+    summary.update(steps=trainer.step, train_seconds=round(time.perf_counter() - t0, 1))
+    if hist:
+        summary["loss"] = round(hist[-1]["loss"], 4)
+    return hist
 
 
 SYNTHETIC_TRAIN = dict(ops=("+",), min_digits=1, max_digits=2)  # the training mix of --data synthetic
@@ -224,14 +244,10 @@ def run(args: argparse.Namespace) -> int:
     elif "accuracy_before" in summary:
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary_before.json").write_text(json.dumps({"accuracy_before": summary["accuracy_before"]}))
-    t0 = time.perf_counter()
     try:
-        hist = trainer.train()
+        train_timed(trainer, summary)
     except (NonFiniteLossError, CheckpointError) as exc:
         return _fail(str(exc))
-    summary.update(steps=trainer.step, train_seconds=round(time.perf_counter() - t0, 1))
-    if hist:
-        summary["loss"] = round(hist[-1]["loss"], 4)
     if trainer.last_eval is not None:
         summary["eval_loss"] = round(trainer.last_eval, 4)
     if held is not None and args.accuracy_samples > 0:
