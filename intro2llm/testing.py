@@ -42,6 +42,18 @@ def output_and_grads(fn, inputs: Sequence[torch.Tensor], grad_out: torch.Tensor)
     return (y.detach(), *(t.grad for t in leaves))
 
 
+def assert_compiled_matches(fn, reference, run, tol: float) -> None:  # noqa: ANN001 - callables
+    """``torch.compile(fn, fullgraph=True)`` gives ``reference``'s outputs and gradients within ``tol``.
+
+    ``run(f)`` calls ``f`` on the test's inputs, runs backward and returns the tensors to compare (output,
+    gradients). The aot_eager backend traces the op's fake and autograd registrations without a C compiler."""
+    got = run(torch.compile(fn, fullgraph=True, backend="aot_eager"))
+    want = run(reference)
+    assert len(got) == len(want), f"{len(got)} tensors compiled vs {len(want)} from the reference"
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=tol, rtol=tol)
+
+
 def require_extension_if_asked() -> None:
     """Under INTRO2LLM_REQUIRE_EXT=1 (CI) a missing intro2llm._C is an error, never a skip."""
     import os

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import intro2llm.ops as ops
 from intro2llm.loss import CrossEntropyLoss
 from intro2llm.ops._dispatch import extension_error
-from intro2llm.testing import assert_close_to_exact, backends_for, dtypes_for
+from intro2llm.testing import assert_close_to_exact, assert_compiled_matches, backends_for, dtypes_for
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FAST = [b for b in backends_for(DEVICE) if b != "reference"]
@@ -181,15 +181,9 @@ def test_opcheck_triton():
 def test_torch_compile_fullgraph(backend):
     x, t = _inputs((4, 9, 96), torch.float32)
     bk = None if backend == "auto" else backend
-
-    @torch.compile(fullgraph=True, backend="aot_eager")
-    def f(a, b):
-        return ops.cross_entropy(a * 2, b, label_smoothing=0.1, z_loss=1e-3, backend=bk)
-
-    got = _run(f, x, t)
-    want = _run(lambda a, b: ops.cross_entropy_reference(a * 2, b, label_smoothing=0.1, z_loss=1e-3), x, t)
-    for g_, w_ in zip(got, want):
-        torch.testing.assert_close(g_, w_, atol=1e-5, rtol=1e-5)
+    assert_compiled_matches(lambda a, b: ops.cross_entropy(a * 2, b, label_smoothing=0.1, z_loss=1e-3, backend=bk),
+                            lambda a, b: ops.cross_entropy_reference(a * 2, b, label_smoothing=0.1, z_loss=1e-3),
+                            lambda f: _run(f, x, t), 1e-5)
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import intro2llm.ops as ops
 from intro2llm.ops import BackendUnavailableError
 from intro2llm.ops._dispatch import extension_error
 from intro2llm.ops.flash_attention import attention_mask
-from intro2llm.testing import backends_for
+from intro2llm.testing import assert_compiled_matches, backends_for
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FAST = [b for b in backends_for(DEVICE, ("reference", "triton", "cpp", "cuda")) if b != "reference"]
@@ -247,15 +247,9 @@ def test_opcheck_triton():
 def test_torch_compile_fullgraph(backend):
     q, k, v, do = _inputs(1, 4, 2, 17, 17, 32)
     bk = None if backend == "auto" else backend
-
-    @torch.compile(fullgraph=True, backend="aot_eager")
-    def f(a, b, c):
-        return ops.flash_attention(a, b, c, causal=True, window=8, backend=bk) * 2
-
-    got = _run(f, q, k, v, do)
-    want = _run(lambda a, b, c: ops.flash_attention_reference(a, b, c, True, 8) * 2, q, k, v, do)
-    for g_, w_ in zip(got, want):
-        torch.testing.assert_close(g_, w_, atol=5e-5, rtol=5e-5)
+    assert_compiled_matches(lambda a, b, c: ops.flash_attention(a, b, c, causal=True, window=8, backend=bk) * 2,
+                            lambda a, b, c: ops.flash_attention_reference(a, b, c, True, 8) * 2,
+                            lambda f: _run(f, q, k, v, do), 5e-5)
 
 
 def test_auto_falls_back_for_head_dims_fast_paths_lack():

@@ -40,13 +40,17 @@ def _run(fn, h, w, b, t):
     return [loss.detach()] + [x.grad for x in leaves if x is not None]
 
 
+def _assert_runs_agree(fn, ref, h, w, b, t, tol=None):
+    """``fn`` and ``ref`` give the same loss and gradients (``_run``); tol None: assert_close's defaults."""
+    for g_, w_ in zip(_run(fn, h, w, b, t), _run(ref, h, w, b, t)):
+        torch.testing.assert_close(g_, w_, atol=tol, rtol=tol)
+
+
 def test_reference_matches_torch():
     h, w, b, t = _inputs((4, 5), 12, 37, torch.float32)
-    got = _run(lambda *a: ops.fused_linear_cross_entropy(*a, label_smoothing=0.1, backend="reference"), h, w, b, t)
-    want = _run(lambda h_, w_, t_, b_: F.cross_entropy(F.linear(h_, w_, b_).reshape(-1, 37), t_.reshape(-1),
-                                                       label_smoothing=0.1), h, w, b, t)
-    for g_, w_ in zip(got, want):
-        torch.testing.assert_close(g_, w_)
+    _assert_runs_agree(lambda *a: ops.fused_linear_cross_entropy(*a, label_smoothing=0.1, backend="reference"),
+                       lambda h_, w_, t_, b_: F.cross_entropy(F.linear(h_, w_, b_).reshape(-1, 37), t_.reshape(-1),
+                                                              label_smoothing=0.1), h, w, b, t)
 
 
 @pytest.mark.parametrize("backend,shape,dtype", CASES, ids=IDS)
@@ -75,12 +79,11 @@ def test_backend_matches_reference(backend, shape, dtype):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_chunk_sizes_agree(backend, reduction):
     h, w, b, t = _inputs((37,), 20, 300, torch.float32)
-    want = _run(lambda *a: ops.fused_linear_cross_entropy_reference(*a, reduction=reduction), h, w, b, t)
     for chunk in (1, 16, None, 1000):
-        got = _run(lambda *a, c=chunk: ops.fused_linear_cross_entropy(*a, reduction=reduction, chunk_size=c,
-                                                                      backend=backend), h, w, b, t)
-        for g_, w_ in zip(got, want):
-            torch.testing.assert_close(g_, w_, atol=1e-5, rtol=1e-5)
+        _assert_runs_agree(lambda *a, c=chunk: ops.fused_linear_cross_entropy(*a, reduction=reduction, chunk_size=c,
+                                                                               backend=backend),
+                           lambda *a: ops.fused_linear_cross_entropy_reference(*a, reduction=reduction),
+                           h, w, b, t, tol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["reference"] + FAST)
@@ -137,11 +140,9 @@ def test_torch_compile_fullgraph(backend, reduction):
     def f(h_, w_, t_, b_):
         return ops.fused_linear_cross_entropy(h_ * 2, w_, t_, b_, reduction=reduction, chunk_size=4, backend=bk)
 
-    got = _run(f, h, w, b, t)
-    want = _run(lambda h_, w_, t_, b_: ops.fused_linear_cross_entropy_reference(h_ * 2, w_, t_, b_,
-                                                                                reduction=reduction), h, w, b, t)
-    for g_, w_ in zip(got, want):
-        torch.testing.assert_close(g_, w_, atol=1e-5, rtol=1e-5)
+    _assert_runs_agree(f, lambda h_, w_, t_, b_: ops.fused_linear_cross_entropy_reference(h_ * 2, w_, t_, b_,
+                                                                                           reduction=reduction),
+                       h, w, b, t, tol=1e-5)
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------

@@ -9,7 +9,13 @@ import torch.nn.functional as F
 
 import intro2llm.ops as ops
 from intro2llm.ops._dispatch import extension_error
-from intro2llm.testing import assert_close_to_exact, assert_fused_peak_fraction_of_eager, backends_for, dtypes_for
+from intro2llm.testing import (
+    assert_close_to_exact,
+    assert_compiled_matches,
+    assert_fused_peak_fraction_of_eager,
+    backends_for,
+    dtypes_for,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FAST = [b for b in backends_for(DEVICE) if b != "reference"]
@@ -136,16 +142,10 @@ def test_opcheck(backend):
 def test_torch_compile_fullgraph(backend):
     h, w, t = _inputs((3, 5), 16, 50, torch.float32)
     bk = None if backend == "auto" else backend
-
-    @torch.compile(fullgraph=True, backend="aot_eager")
-    def f(h_, w_, t_):
-        return ops.fused_linear_logprobs(h_ * 2, w_, t_, temperature=0.9, chunk_size=4, backend=bk).sum(-1)
-
-    got = _run(f, h, w, t)
-    want = _run(lambda h_, w_, t_: ops.fused_linear_logprobs_reference(h_ * 2, w_, t_, temperature=0.9).sum(-1),
-                h, w, t)
-    for g_, w_ in zip(got, want):
-        torch.testing.assert_close(g_, w_, atol=1e-5, rtol=1e-5)
+    assert_compiled_matches(
+        lambda h_, w_, t_: ops.fused_linear_logprobs(h_ * 2, w_, t_, temperature=0.9, chunk_size=4, backend=bk).sum(-1),
+        lambda h_, w_, t_: ops.fused_linear_logprobs_reference(h_ * 2, w_, t_, temperature=0.9).sum(-1),
+        lambda f: _run(f, h, w, t), 1e-5)
 
 
 @pytest.mark.parametrize("backend", ["reference"] + [b for b in backends_for("cpu") if b == "cpp"])

@@ -9,7 +9,7 @@ import torch
 
 from intro2llm.ops import nf4 as nf4_mod
 from intro2llm.ops.nf4 import NF4Weight, dequantize_tensor, nf4_dequantize, nf4_matmul, nf4_quantize, quantize_tensor
-from intro2llm.testing import assert_close_to_exact, backends_for, output_and_grads
+from intro2llm.testing import assert_close_to_exact, assert_compiled_matches, backends_for, output_and_grads
 
 try:
     import bitsandbytes.functional as bnbf
@@ -238,15 +238,9 @@ def test_opcheck_triton():
 def test_torch_compile_fullgraph(backend, double_quant):
     q, x, b, dy = _mm_inputs((4, 128), 48, torch.float32, double_quant=double_quant)
     bk = None if backend == "auto" else backend
-
-    @torch.compile(fullgraph=True, backend="aot_eager")
-    def f(a, c):
-        return nf4_matmul(a, q, c, backend=bk) * 2
-
-    got = _mm_run(f, x, b, dy)
-    want = _mm_run(lambda a, c: nf4_mod.nf4_matmul_reference(a, q, c) * 2, x, b, dy)
-    for g_, w_ in zip(got, want):
-        torch.testing.assert_close(g_, w_, rtol=1e-5, atol=1e-5)
+    assert_compiled_matches(lambda a, c: nf4_matmul(a, q, c, backend=bk) * 2,
+                            lambda a, c: nf4_mod.nf4_matmul_reference(a, q, c) * 2,
+                            lambda f: _mm_run(f, x, b, dy), 1e-5)
 
 
 def test_matmul_weight_gets_no_gradient_and_fp64_runs_reference():

@@ -11,7 +11,7 @@ import torch
 import intro2llm.ops as ops
 from intro2llm.ops import BackendUnavailableError
 from intro2llm.ops._dispatch import extension_error
-from intro2llm.testing import assert_close_to_exact, backends_for, dtypes_for, output_and_grads
+from intro2llm.testing import assert_close_to_exact, assert_compiled_matches, backends_for, dtypes_for, output_and_grads
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FAST = [b for b in backends_for(DEVICE) if b != "reference"]
@@ -117,15 +117,8 @@ def test_opcheck_triton():
 def test_torch_compile_fullgraph(backend):
     x, w, dy = _inputs((4, 96), torch.float32)
     bk = None if backend == "auto" else backend
-
-    @torch.compile(fullgraph=True, backend="aot_eager")
-    def f(a, b):
-        return ops.rms_norm(a, b, 1e-6, backend=bk) * 2
-
-    got = _run(f, x, w, dy)
-    want = _run(lambda a, b: ops.rms_norm_reference(a, b, 1e-6) * 2, x, w, dy)
-    for g_, w_ in zip(got, want):
-        torch.testing.assert_close(g_, w_, atol=1e-5, rtol=1e-5)
+    assert_compiled_matches(lambda a, b: ops.rms_norm(a, b, 1e-6, backend=bk) * 2,
+                            lambda a, b: ops.rms_norm_reference(a, b, 1e-6) * 2, lambda f: _run(f, x, w, dy), 1e-5)
 
 
 @pytest.mark.parametrize("backend", ["reference"] + FAST)

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 
 import intro2llm.ops as ops  # noqa: E402
 from intro2llm.ops._dispatch import extension_error  # noqa: E402
-from intro2llm.testing import assert_close_to_exact, backends_for, dtypes_for  # noqa: E402
+from intro2llm.testing import assert_close_to_exact, assert_compiled_matches, backends_for, dtypes_for  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FAST = [b for b in backends_for(DEVICE) if b != "reference"]
@@ -200,15 +200,11 @@ def test_torch_compile_fullgraph(backend):
     cos, sin = _tables(2, 3, 8, "shared")
     bk = None if backend == "auto" else backend
 
-    @torch.compile(fullgraph=True, backend="aot_eager")
-    def f(a, b, c, s):
-        qo, ko = ops.apply_rope(a, b, c, s, backend=bk)
-        return qo * 2, ko + 1
+    def scaled(rope):  # (q, k) -> (2 q, k + 1) around the op, so that compile traces more than the op alone
+        return lambda *a: (lambda o: (o[0] * 2, o[1] + 1))(rope(*a))
 
-    got = _run(f, q, k, cos, sin, dq, dk)
-    want = _run(lambda *a: (lambda o: (o[0] * 2, o[1] + 1))(ops.apply_rope_reference(*a)), q, k, cos, sin, dq, dk)
-    for g_, w_ in zip(got, want):
-        torch.testing.assert_close(g_, w_, atol=1e-6, rtol=1e-6)
+    assert_compiled_matches(scaled(lambda *a: ops.apply_rope(*a, backend=bk)), scaled(ops.apply_rope_reference),
+                            lambda f: _run(f, q, k, cos, sin, dq, dk), 1e-6)
 
 
 @pytest.mark.parametrize("backend", ["reference"] + FAST)

@@ -17,7 +17,13 @@ import torch.nn.functional as F  # noqa: E402
 
 import intro2llm.ops as ops  # noqa: E402
 from intro2llm.ops._dispatch import extension_error  # noqa: E402
-from intro2llm.testing import assert_close_to_exact, backends_for, dtypes_for, output_and_grads  # noqa: E402
+from intro2llm.testing import (  # noqa: E402
+    assert_close_to_exact,
+    assert_compiled_matches,
+    backends_for,
+    dtypes_for,
+    output_and_grads,
+)
 
 # tl.sigmoid(-100) overflows exp in the CPU interpreter's numpy (to inf, giving the right 0): not a failure
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
@@ -141,15 +147,9 @@ def test_opcheck_triton():
 def test_torch_compile_fullgraph(backend):
     gate, up, dy = _inputs((4, 96), torch.float32)
     bk = None if backend == "auto" else backend
-
-    @torch.compile(fullgraph=True, backend="aot_eager")
-    def f(g, u):
-        return ops.swiglu(g, u, backend=bk) + ops.geglu(g, u, "tanh", backend=bk) * 2
-
-    got = _run(f, gate, up, dy)
-    want = _run(lambda g, u: ops.swiglu_reference(g, u) + ops.geglu_reference(g, u, "tanh") * 2, gate, up, dy)
-    for g_, w_ in zip(got, want):
-        torch.testing.assert_close(g_, w_, atol=1e-5, rtol=1e-5)
+    assert_compiled_matches(lambda g, u: ops.swiglu(g, u, backend=bk) + ops.geglu(g, u, "tanh", backend=bk) * 2,
+                            lambda g, u: ops.swiglu_reference(g, u) + ops.geglu_reference(g, u, "tanh") * 2,
+                            lambda f: _run(f, gate, up, dy), 1e-5)
 
 
 @pytest.mark.parametrize("backend", ["reference"] + FAST)

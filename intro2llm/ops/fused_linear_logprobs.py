@@ -39,10 +39,7 @@ OP = _dispatch.Op(  # the fast paths are torch GEMMs around the cross_entropy ke
 
 
 def fused_linear_logprobs_reference(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int = -100,
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """Eager log-probs: hidden (..., H), weight (V, H), targets (...) int64 → (...) fp32, 0 where ignored.
