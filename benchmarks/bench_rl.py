@@ -1,15 +1,18 @@
 """RL on CPU: rollout tokens/s and GRPO step time / peak memory, ours against transformers and TRL, same weights.
 
 1. Rollout: ``intro2llm.training.rl.generate_responses`` (16 prompts × G=8 samples, KV cache, prefill shared by
-   the G samples of a prompt, finished rows dropped) against ``transformers``' ``generate(num_return_sequences=8)``
-   on the same weights (``LlamaForCausalLM`` loaded from our ``save_pretrained``), same sampling (temperature 1,
-   no top-k/top-p) and ``max_new_tokens``. Tokens/s counts the response tokens each produced (up to EOS).
+   the G samples of a prompt, finished rows dropped, decode steps on ``fast_decode``'s C++ step) against
+   ``transformers``' ``generate(num_return_sequences=8)`` on the same weights (``LlamaForCausalLM`` loaded from
+   our ``save_pretrained``), same sampling (temperature 1, no top-k/top-p) and ``max_new_tokens``; also ours with
+   ``fast_decode=False`` (decode steps through the module forward: the path before the fast step). Tokens/s
+   counts the response tokens each produced (up to EOS).
 2. GRPO step: ``GRPOTrainer.training_step`` against TRL's ``GRPOTrainer`` (one optimizer step = one generation
    batch of 16 prompts × 8, same model, prompts, G, max_completion_length, beta=0, loss_type "grpo", AdamW).
-   Time per step (best of the measured steps after a warm-up step; wall and process CPU time: the contenders
-   run one after the other, so on a loaded machine the CPU time is the comparable figure) and peak memory: each
-   contender runs in a fresh process; peak = VmHWM (after writing 5 to /proc/self/clear_refs) − VmRSS just
-   before the trainer is built (DESIGN.md: ru_maxrss is inherited across fork/exec, VmHWM after a reset is not).
+   Each contender lives in its own fresh process; after both are built they take steps in turn (ours, TRL;
+   TRL, ours; ...), one process working at a time, so a change of the machine's load falls on both alike.
+   Step time = median of the measured steps after one warm-up step (wall, and process CPU time). Peak memory:
+   peak = VmHWM (after writing 5 to /proc/self/clear_refs) − VmRSS just before the trainer is built (DESIGN.md:
+   ru_maxrss is inherited across fork/exec, VmHWM after a reset is not).
 
 Run: ``python benchmarks/bench_rl.py [--ckpt DIR] [--threads 1]`` prints a JSON summary. Without ``--ckpt`` the
 model is the ``tiny`` preset (random weights; the vocabulary of the synthetic character tokenizer). Contenders of
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -96,10 +100,10 @@ def rollout_vs_transformers(model_dir: Path, rounds: int = 3, prompts: int = P, 
     ids, mask = left_pad([tok.encode(p) for p in texts], eos)
     counts = {}
 
-    def run_ours():
+    def run_ours(fast: bool = True):
         r = generate_responses(ours, texts, g, tokenizer=tok, temperature=1.0, max_new_tokens=new_tokens,
-                               generator=torch.Generator().manual_seed(0))
-        counts["ours"] = int(r.response_mask.sum())
+                               generator=torch.Generator().manual_seed(0), fast_decode=fast)
+        counts["ours" if fast else "ours_module"] = int(r.response_mask.sum())
 
     def run_hf():
         torch.manual_seed(0)
@@ -110,18 +114,23 @@ def rollout_vs_transformers(model_dir: Path, rounds: int = 3, prompts: int = P, 
         is_eos = (resp == eos).long()
         counts["transformers"] = int(((is_eos.cumsum(1) - is_eos) == 0).sum())  # tokens up to and incl. first EOS
 
-    fns = {"ours": run_ours, "transformers": run_hf}
+    fns = {"ours": run_ours, "ours_module": lambda: run_ours(False), "transformers": run_hf}
     for fn in fns.values():
         fn()
-    best = {k: float("inf") for k in fns}
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
             t0 = time.perf_counter()
             fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
+            times[k].append(time.perf_counter() - t0)
+    best = {k: min(v) for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
     tps = {k: counts[k] / best[k] for k in fns}
-    return {"ours_tokens_per_s": tps["ours"], "transformers_tokens_per_s": tps["transformers"],
-            "speedup": tps["ours"] / tps["transformers"], "ours_tokens": counts["ours"],
+    return {"ours_tokens_per_s": tps["ours"], "ours_module_tokens_per_s": tps["ours_module"],
+            "transformers_tokens_per_s": tps["transformers"], "speedup": tps["ours"] / tps["transformers"],
+            "speedup_module_path": tps["ours_module"] / tps["transformers"],
+            "speedup_median": (counts["ours"] / med["ours"]) / (counts["transformers"] / med["transformers"]),
+            "ours_tokens": counts["ours"], "ours_module_tokens": counts["ours_module"],
             "transformers_tokens": counts["transformers"], "prompts": prompts, "G": g, "max_new_tokens": new_tokens}
 
 
@@ -137,7 +146,18 @@ def _reset_hwm() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def grpo_step_ours(model_dir: Path, steps: int) -> dict[str, float]:
+def _wait_for_go() -> None:
+    """Block until the parent says "go" (it runs one contender's step at a time, alternating)."""
+    if sys.stdin.readline().strip() != "go":
+        raise SystemExit(0)
+
+
+def _report_step(wall: float, cpu: float) -> None:
+    print("STEP", json.dumps([wall, cpu]), flush=True)
+
+
+def grpo_step_ours(model_dir: Path, steps: int, driven: bool = False) -> dict[str, float]:
+    """Our GRPO steps (one warm-up + ``steps``); ``driven``: each step waits for "go" on stdin (``_alternate``)."""
     from intro2llm.data.grpo_dataset import GRPODataset
     from intro2llm.data.prepare import load_tokenizer
     from intro2llm.model import CausalLM
@@ -152,17 +172,23 @@ def grpo_step_ours(model_dir: Path, steps: int) -> dict[str, float]:
     tr = GRPOTrainer(model, tok, synthetic_reward, GRPODataset(texts, G, seed=0),
                      GRPOConfig(prompts_per_step=P, num_generations=G, max_new_tokens=NEW, lr=1e-5, beta=0.0,
                                 loss_type="grpo"))
+    print("READY", flush=True)
     times, cpu = [], []
     for _ in range(steps + 1):
+        if driven:
+            _wait_for_go()
         t0, c0 = time.perf_counter(), time.process_time()
         tr.training_step()
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    return {"step_s": min(times[1:]), "step_cpu_s": min(cpu[1:]), "steps_s": times, "steps_cpu_s": cpu,
-            "peak_bytes": _vm("VmHWM") - base}
+        if driven:
+            _report_step(times[-1], cpu[-1])
+    return {"step_s": statistics.median(times[1:]), "step_cpu_s": statistics.median(cpu[1:]), "steps_s": times,
+            "steps_cpu_s": cpu, "peak_bytes": _vm("VmHWM") - base}
 
 
-def grpo_step_trl(model_dir: Path, steps: int) -> dict[str, float]:
+def grpo_step_trl(model_dir: Path, steps: int, driven: bool = False) -> dict[str, float]:
+    """TRL's GRPOTrainer, same setting; a callback times each optimizer step (and waits for "go" if ``driven``)."""
     import datasets
     from transformers import LlamaForCausalLM, TrainerCallback
     from transformers.utils import logging
@@ -184,11 +210,15 @@ def grpo_step_trl(model_dir: Path, steps: int) -> dict[str, float]:
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
+            if driven:
+                _wait_for_go()
             t0[0], t0[1] = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - t0[0])
             cpu.append(time.process_time() - t0[1])
+            if driven:
+                _report_step(times[-1], cpu[-1])
 
     with tempfile.TemporaryDirectory() as out:
         cfg = GRPOConfig(output_dir=out, per_device_train_batch_size=P * G, num_generations=G,
@@ -200,22 +230,58 @@ def grpo_step_trl(model_dir: Path, steps: int) -> dict[str, float]:
         _reset_hwm()
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=ds, processing_class=hf_tok,
                               callbacks=[Timer()])
+        print("READY", flush=True)
         trainer.train()
         peak = _vm("VmHWM") - base
-    return {"step_s": min(times[1:]), "step_cpu_s": min(cpu[1:]), "steps_s": times, "steps_cpu_s": cpu,
-            "peak_bytes": peak}
+    return {"step_s": statistics.median(times[1:]), "step_cpu_s": statistics.median(cpu[1:]), "steps_s": times,
+            "steps_cpu_s": cpu, "peak_bytes": peak}
 
 
-def _in_fresh_process(which: str, model_dir: Path, steps: int, threads: int) -> dict:
+def _worker(which: str, model_dir: Path, steps: int, threads: int) -> subprocess.Popen:
+    """A fresh process running ``grpo_step_<which>`` driven step by step over stdin/stdout."""
     code = (f"import json, torch, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); torch.set_num_threads"
             f"({threads}); import bench_rl as b; from pathlib import Path; "
-            f"print('RESULT', json.dumps(b.grpo_step_{which}(Path({str(model_dir)!r}), {steps})))")
+            f"print('RESULT', json.dumps(b.grpo_step_{which}(Path({str(model_dir)!r}), {steps}, driven=True)), "
+            f"flush=True)")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/tmp")
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"grpo_step_{which} failed:\n{out.stderr[-3000:]}")
+    err = tempfile.TemporaryFile("w+")  # not a pipe: a chatty library must not block on a full pipe
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=err, text=True, env=env, cwd="/tmp")
+    proc.err_file = err
+    return proc
+
+
+def _read_tagged(proc: subprocess.Popen, tag: str, which: str) -> str:
+    for line in proc.stdout:
+        if line.startswith(tag):
+            return line[len(tag):].strip()
+    proc.wait(timeout=60)
+    proc.err_file.seek(0)
+    raise RuntimeError(f"grpo_step_{which} ended before {tag.strip()}:\n{proc.err_file.read()[-3000:]}")
+
+
+def grpo_alternating(model_dir: Path, steps: int, threads: int) -> dict:
+    """Both contenders in their own fresh process (peak memory per process), built side by side, then stepped
+    one at a time in turn — ours, TRL; TRL, ours; ... — so a change of the machine's load falls on both. The
+    step time is the median over the ``steps`` measured steps (after one warm-up step each)."""
+    procs = {k: _worker(k, model_dir, steps, threads) for k in ("ours", "trl")}
+    try:
+        for k, pr in procs.items():
+            _read_tagged(pr, "READY", k)
+        for i in range(steps + 1):
+            for k in (("ours", "trl") if i % 2 == 0 else ("trl", "ours")):
+                procs[k].stdin.write("go\n")
+                procs[k].stdin.flush()
+                _read_tagged(procs[k], "STEP ", k)
+        res = {k: json.loads(_read_tagged(pr, "RESULT ", k)) for k, pr in procs.items()}
+    finally:
+        for pr in procs.values():
+            pr.stdin.close()
+            pr.wait(timeout=120)
+    ours, trl = res["ours"], res["trl"]
+    return {"ours": ours, "trl": trl, "speedup_wall": trl["step_s"] / ours["step_s"],
+            "speedup_cpu": trl["step_cpu_s"] / ours["step_cpu_s"],
+            "memory_ratio": ours["peak_bytes"] / trl["peak_bytes"]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -223,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ckpt", default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=2, help="measured GRPO steps after one warm-up step")
+    ap.add_argument("--steps", type=int, default=5, help="measured GRPO steps after one warm-up step")
     ap.add_argument("--skip", default="", help="comma list: rollout,grpo")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -235,11 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
             res["rollout"] = rollout_vs_transformers(model_dir, args.rounds)
             print(json.dumps({"rollout": res["rollout"]}), flush=True)
         if "grpo" not in args.skip:
-            ours = _in_fresh_process("ours", model_dir, args.steps, args.threads)
-            trl = _in_fresh_process("trl", model_dir, args.steps, args.threads)
-            res["grpo_step"] = {"ours": ours, "trl": trl, "speedup_wall": trl["step_s"] / ours["step_s"],
-                                "speedup_cpu": trl["step_cpu_s"] / ours["step_cpu_s"],
-                                "memory_ratio": ours["peak_bytes"] / trl["peak_bytes"]}
+            res["grpo_step"] = grpo_alternating(model_dir, args.steps, args.threads)
     print(json.dumps(res, indent=1))
     return res
 

@@ -71,6 +71,44 @@ def test_sampled_rollout_masks_logprobs_and_stop_tokens():
     torch.testing.assert_close(lp_alone, lp[5:6], atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("compact", [True, False])
+@pytest.mark.parametrize("temperature,top_p", [(0.0, None), (1.3, None), (0.9, 0.8)])
+def test_fast_decode_rollout_equals_the_module_path(compact, temperature, top_p, monkeypatch):
+    """The decode steps on fast_decode's bundle (C++ where it applies) give the module forward's tokens under one
+    seed, and old log-probs that equal both the module path's and a teacher-forced recomputation."""
+    from intro2llm.model import fast_decode
+
+    calls = {"python": 0, "cpp": 0}
+    for name in calls:
+        real = getattr(fast_decode, f"{name}_step")
+
+        def counted(*a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(fast_decode, f"{name}_step", counted)
+    model = tiny_model(4)
+    prompts = PROMPTS + [[20, 21, 22, 23, 24, 25, 26, 27], [30]]  # left padding of 0 to 7 tokens
+
+    def run(fast: bool) -> rl.Rollout:
+        return rl.generate_responses(model, prompts, n=4, temperature=temperature, top_p=top_p, max_new_tokens=10,
+                                     generator=torch.Generator().manual_seed(5), compact=compact,
+                                     stop_token_ids=range(4, 12), fast_decode=fast)
+
+    ref = run(False)
+    assert calls == {"python": 0, "cpp": 0}  # fast_decode=False: the module forward only
+    fast = run(True)
+    cpp = fast_decode.cpp_applies(fast_decode.DecodeWeights.from_model(model),
+                                  rl.StaticKVCache.from_config(model.config, 1, 4, torch.float32, "cpu"))
+    assert calls["cpp" if cpp else "python"] == fast.response_ids.shape[1] - 1 > 0  # every step after the prefill
+    assert torch.equal(fast.response_ids, ref.response_ids)
+    assert torch.equal(fast.response_mask, ref.response_mask)
+    assert 0 < int(fast.response_mask.sum()) < fast.response_mask.numel()  # some rows stopped early
+    torch.testing.assert_close(fast.old_logprobs, ref.old_logprobs, atol=1e-5, rtol=0)
+    teacher = rl.response_logprobs(model, fast, temperature=temperature if temperature > 0 else 1.0)
+    torch.testing.assert_close(fast.old_logprobs, teacher, atol=2e-5, rtol=0)
+
+
 def test_response_logprobs_match_trl_selective_log_softmax():
     from trl.trainer.utils import selective_log_softmax
 

@@ -2,11 +2,13 @@
 
 - ``generate_responses``: the rollout. P prompts × G samples in one batch with the KV cache: the prompts are
   left-padded and run once (prefill of P rows, not P·G: the G samples of a prompt share its prefix), the cache is
-  repeated G times, then one token per step for all P·G rows. Rows stop at EOS (or any ``stop_token_ids``, e.g. an
-  end-of-turn token); finished rows are dropped from the batch (the cache is compacted) once half of the live rows
-  have finished, so the last long answers do not pay for the short ones. The log-probability of every sampled
-  token under the sampling policy (softmax(logits / temperature), before top-k/top-p filtering: the policy that
-  the trainer's forward recomputes) is gathered at the step that samples it: PPO/GRPO's ``old_logprobs``.
+  repeated G times, then one token per step for all P·G rows (on ``intro2llm.model.fast_decode``'s weight bundle: one
+  C++ call per step on fp32 CPU; the module forward for a model it does not cover). Rows stop at EOS (or any
+  ``stop_token_ids``, e.g. an end-of-turn token); finished rows are dropped from the batch (the cache is compacted)
+  once half of the live rows have finished, so the last long answers do not pay for the short ones. The
+  log-probability of every sampled token under the sampling policy (softmax(logits / temperature), before top-k/top-p
+  filtering: the policy that the trainer's forward recomputes) is gathered at the step that samples it: PPO/GRPO's
+  ``old_logprobs``.
 - ``compute_rewards``: several reward functions with weights; a function that raises, returns the wrong number of
   values or a non-finite value raises ``RewardError`` naming it.
 - ``response_logprobs``: per-token log-probs of the responses under a model through
@@ -27,6 +29,7 @@ import torch
 
 from intro2llm import ops
 from intro2llm.course import lesson_task
+from intro2llm.model import fast_decode as _fast
 from intro2llm.model.causal_lm import sample_next_token
 from intro2llm.model.kv_cache import DynamicKVCache, StaticKVCache
 
@@ -190,6 +193,7 @@ def generate_responses(
     generator: torch.Generator | None = None,
     compact: bool = True,
     encode: Callable[[str], list[int]] | None = None,
+    fast_decode: bool = True,
 ) -> Rollout:
     """Sample ``n`` responses per prompt (see the module docstring); returns a ``Rollout`` of P·n rows.
 
@@ -198,6 +202,11 @@ def generate_responses(
     ``max_position_embeddings`` raises ``ValueError`` naming the prompt. ``encode`` (str → ids) replaces
     ``tokenizer.encode`` for string prompts, e.g. to wrap them in a chat template; ``Rollout.prompts`` keeps the
     strings as given (what reward functions read).
+
+    ``fast_decode`` (default): the one-token steps run on ``intro2llm.model.fast_decode``'s weight bundle, in one
+    C++ call per step where the extension applies (fp32 CPU), else in Python on the bundle; a model it does not
+    cover (LoRA, 4-bit, other norms) and ``fast_decode=False`` take the module forward ``model(...)``, the
+    reference. The prefill always runs through the module forward.
     """
     cfg = model.config
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -241,7 +250,7 @@ def generate_responses(
         del small
         logits = out.logits[:, -1].repeat_interleave(G, dim=0)  # (N, V)
         N = P * G
-        full_mask = torch.ones(N, total, dtype=torch.long, device=device)
+        full_mask = torch.ones(N, total, dtype=torch.bool, device=device)
         full_mask[:, :Tp] = prompt_mask.repeat_interleave(G, dim=0)
         resp = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         resp_mask = torch.zeros(N, max_new_tokens, dtype=torch.float32, device=device)
@@ -250,6 +259,12 @@ def generate_responses(
         rows = torch.arange(N, device=device)  # the N-row indices of the batch rows (the cache's rows)
         alive = torch.ones(N, dtype=torch.bool, device=device)  # batch rows still decoding
         lp_temp = temperature if temperature > 0 else 1.0
+        # decode steps: the fast bundle (C++ where it applies) or the module forward; positions continue each
+        # row's real prompt tokens (left padding: the first real token is position 0), as the module computes
+        bundle = _fast.DecodeWeights.from_model(model) if fast_decode else None
+        flat = bundle.flat() if bundle is not None and _fast.cpp_applies(bundle, cache) else None
+        next_pos = prompt_mask.sum(-1).repeat_interleave(G)  # (N,) position of response token 0
+        padded = not bool(prompt_mask.all())  # no key padding mask at all when no prompt is padded
         steps = 0
         for t in range(max_new_tokens):
             nxt = sample_next_token(logits, do_sample=temperature > 0, temperature=temperature, top_k=top_k,
@@ -271,7 +286,14 @@ def generate_responses(
                 cache = _select_cache_rows(cache, keep)
             nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_token_id))  # finished rows idle on a pad
             step_mask = full_mask[rows, : Tp + t + 1]
-            logits = model(nxt[:, None], attention_mask=step_mask, kv_cache=cache, num_logits_to_keep=1).logits[:, -1]
+            if bundle is None:
+                logits = model(nxt[:, None], attention_mask=step_mask, kv_cache=cache,
+                               num_logits_to_keep=1).logits[:, -1]
+            else:
+                pos = (next_pos[rows] + t)[:, None]  # (n_batch, 1)
+                kpm = step_mask if padded else None
+                logits = (_fast.python_step(model, bundle, nxt, pos, cache, kpm) if flat is None
+                          else _fast.cpp_step(model, bundle, nxt, pos, cache, kpm, flat))
         resp, resp_mask, old_lp = resp[:, :steps], resp_mask[:, :steps], old_lp[:, :steps]
         completions = None
         if tokenizer is not None:
