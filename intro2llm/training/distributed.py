@@ -25,9 +25,11 @@ Not handled: tensor/pipeline parallelism, FSDP of quantized (QLoRA) bases, CPU o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -140,6 +142,170 @@ def wrap_model(model: nn.Module, info: DistInfo, strategy: str = "ddp", bf16: bo
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def frozen_replica(model: nn.Module, info: DistInfo, strategy: str = "ddp", bf16: bool = False) -> nn.Module:
+    """``model`` as a frozen reference (DPO's π_ref, PPO/GRPO's KL anchor): eval mode, no parameter requires grad,
+    on this rank's device. Under FSDP it is sharded like the policy (pass a module that is not sharded yet, e.g.
+    a deep copy taken before the policy is sharded), so it costs 1/W of its memory per rank; its forwards are then
+    collectives that every rank runs in step. Under DDP / one process it stays an ordinary local module: it is never
+    updated, so the replicas need no synchronisation."""
+    if is_sharded(model):
+        raise ValueError("frozen_replica: the model is already FSDP-sharded; copy it before sharding the policy")
+    model.eval()
+    model.requires_grad_(False)
+    model.to(info.device)
+    if strategy == "fsdp" and info.enabled:
+        wrap_model(model, info, "fsdp", bf16=bf16)
+    return model
+
+
+@contextlib.contextmanager
+def gathered_params(model: nn.Module) -> Iterator[nn.Module]:
+    """The plain module with full (unsharded) parameters for the duration of the block: code that reads weights
+    outside the module forward (the KV-cache / C++ decode path of generation, weight bundles) sees ordinary tensors.
+    FSDP2: every ``fully_shard`` unit is all-gathered (``unshard()``, a collective: every rank enters the block)
+    and resharded on exit, so generation costs the full model's memory on each rank only while it runs; DDP: the
+    module inside the wrapper; one process: ``model`` itself."""
+    units = [m for m in model.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")] \
+        if is_sharded(model) else []
+    for unit in units:
+        unit.unshard()
+    try:
+        yield unwrap(model)
+    finally:
+        for unit in units:
+            unit.reshard()
+
+
+def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float | None) -> float:
+    """Clip the gradients of ``parameters`` to the global norm ``max_norm`` (None or 0: measure only) and return
+    the norm before clipping as a float. Under FSDP the gradients are DTensor shards: torch computes the norm over
+    all shards (a collective), so every rank clips by the same global factor."""
+    norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm if max_norm else float("inf"))
+    if hasattr(norm, "full_tensor"):  # DTensor under FSDP
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+# ---------------------------------------------------------------------------------------- RL trainers (PPO, GRPO)
+def distribute_policy(model: nn.Module, info: DistInfo, strategy: str = "ddp", ref_model: nn.Module | None = None,
+                      need_ref: bool = False, bf16: bool = False) -> tuple[nn.Module, nn.Module | None]:
+    """(policy, frozen reference or None) for a trainer that runs its own loop (PPO, GRPO) on ``info``'s ranks.
+
+    The reference (``ref_model``, else a deep copy of ``model`` taken first, when ``need_ref``) is a
+    ``frozen_replica``. The policy is moved to the rank's device; ``fsdp`` shards it in place (``wrap_model``);
+    ``ddp`` keeps an ordinary replica per rank and the trainer calls ``average_gradients`` once per optimizer step
+    (DDP's all-reduce without the wrapper: the RL code calls the policy's submodules and reads its weights outside
+    ``forward`` — KV-cache prefill, the fused head, generation — which a ``DistributedDataParallel`` wrapper does
+    not expose, and its per-backward hooks would all-reduce every micro-batch). One process: unchanged."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {strategy!r}")
+    if strategy == "fsdp" and not info.enabled:
+        raise ValueError("strategy 'fsdp' shards the model over several processes but this is a single process: "
+                         "launch with torchrun --nproc_per_node N (N >= 2), or use strategy 'ddp'")
+    ref = None
+    if need_ref:
+        ref = frozen_replica(ref_model if ref_model is not None else copy.deepcopy(model), info, strategy, bf16)
+    model.to(info.device)
+    if strategy == "fsdp":
+        wrap_model(model, info, "fsdp", bf16=bf16)
+    return model, ref
+
+
+def rank_rows(rows: torch.Tensor, unit: int = 1) -> torch.Tensor:
+    """This rank's contiguous share of ``rows`` (a mini-batch every rank holds), in whole units of ``unit`` rows
+    (GRPO: a group); all of ``rows`` with one process. Every rank must get the same number of rows (under FSDP each
+    forward is a collective), so the number of units must be divisible by the world size: ``ValueError`` if not."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1:
+        return rows
+    units = rows.numel() // unit
+    if rows.numel() % unit or units % world:
+        raise ValueError(f"a mini-batch of {rows.numel()} rows ({units} units of {unit}) cannot be split evenly over "
+                         f"{world} processes: make the rows (or groups) per mini-batch a multiple of the world size")
+    share = rows.numel() // world
+    rank = dist.get_rank()
+    return rows[rank * share:(rank + 1) * share]
+
+
+def average_gradients(parameters: Iterable[nn.Parameter]) -> None:
+    """Average the ``.grad`` of replicated parameters over ranks (one all-reduce per tensor; no-op with one
+    process). FSDP-sharded (DTensor) gradients are skipped: ``fully_shard`` already reduce-scattered them."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    world = dist.get_world_size()
+    for p in parameters:
+        if p.grad is not None and not hasattr(p.grad, "full_tensor"):
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(world)
+
+
+def all_reduce_stats(stats: dict[str, float]) -> dict[str, float]:
+    """Sum each value over ranks (the same keys on every rank, e.g. per-rank shares of a mini-batch mean)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1) or not stats:
+        return stats
+    keys = sorted(stats)
+    t = all_reduce_sum(torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64))
+    return dict(zip(keys, t.tolist()))
+
+
+def _full(t):  # noqa: ANN001, ANN202 - a tensor or any state value
+    return t.full_tensor().cpu() if hasattr(t, "full_tensor") else t
+
+
+def full_state_dict(obj: nn.Module | torch.optim.Optimizer) -> dict:
+    """``obj.state_dict()`` (a module or an optimizer, e.g. over a policy and PPO's value head) with full tensors:
+    FSDP's DTensor shards are all-gathered to CPU (a collective under FSDP: every rank calls it, in the same order).
+    The layout is the ordinary one, so the result loads under any strategy and world size (``load_full_state_dict``).
+    """
+    state = obj.state_dict()
+    if isinstance(obj, torch.optim.Optimizer):
+        return {**state, "state": {i: {k: _full(v) for k, v in st.items()} for i, st in state["state"].items()}}
+    return {k: _full(v) for k, v in state.items()}
+
+
+def load_full_state_dict(obj: nn.Module | torch.optim.Optimizer, state: dict) -> None:
+    """The inverse of ``full_state_dict``: full tensors into a (possibly FSDP-sharded) module or its optimizer, each
+    rank keeping its shards. A module's keys must match exactly (``ValueError`` naming the differences)."""
+    if isinstance(obj, torch.optim.Optimizer):
+        params = [p for g in obj.param_groups for p in g["params"]]
+        per_param = {i: {k: v if k == "step" else _like(v, params[i]) for k, v in st.items()}
+                     for i, st in state["state"].items()}
+        obj.load_state_dict({**state, "state": per_param})
+        return
+    live = obj.state_dict()
+    missing, unexpected = sorted(set(live) - set(state)), sorted(set(state) - set(live))
+    if missing or unexpected:
+        raise ValueError(f"the state dict does not fit the model: missing {missing}, unexpected {unexpected}")
+    obj.load_state_dict({k: _like(v, live[k]) for k, v in state.items()})
+
+
+def _full(t):  # noqa: ANN001, ANN202 - a tensor or any state value
+    return t.full_tensor().cpu() if hasattr(t, "full_tensor") else t
+
+
+def _like(value, ref: torch.Tensor):  # noqa: ANN001, ANN202
+    """``value`` (a full tensor) sharded like the DTensor ``ref``; unchanged when ``ref`` is an ordinary tensor."""
+    if not hasattr(ref, "device_mesh") or not isinstance(value, torch.Tensor) or value.shape != ref.shape:
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(ref.device, ref.dtype), ref.device_mesh, ref.placements)
+
+
+def run_in_process_group(fn: Callable[[DistInfo], int], device: str | None = None,
+                         timeout: float | None = None) -> int:
+    """Join the torchrun group (if any), run ``fn(info)`` -> exit code, leave the group (see ``cleanup_distributed``):
+    the body of every command that trains under torchrun. ``fn`` runs in its own frame, so the wrapped models and
+    trainers it holds are freed before the group is destroyed."""
+    info = init_distributed(device, timeout=timeout)
+    rc = 1
+    try:
+        rc = fn(info)
+    finally:
+        cleanup_distributed(synchronize=rc == 0)
+    return rc
 
 
 def is_sharded(model: nn.Module) -> bool:

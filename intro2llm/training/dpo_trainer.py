@@ -15,6 +15,11 @@ The loop is ``Trainer``'s; DPO changes what a step's loss is. For a micro-batch 
 ``count_tokens`` returns the number of pairs, so ``Trainer`` weights micro-batches by their share of the global
 batch's pairs (the loss is a mean over pairs, whatever the split). At the end rank 0 writes the Hugging Face-format
 model, the tokenizer and the chat template (as the SFT trainer does).
+
+Under torchrun the policy is wrapped as ``Trainer`` does (``strategy`` ddp or fsdp). The reference is copied before
+that and made a ``frozen_replica``: a local replica under DDP, sharded like the policy under FSDP (its no-grad
+forwards all-gather block by block, as the policy's do), so every strategy computes the same log-probs as one
+process.
 Not handled: a reference that is synced during training (TR-DPO), LoRA references via disabled adapters (pass a
 ``ref_model`` or ``precompute_ref=True``), packing.
 """
@@ -34,7 +39,7 @@ from intro2llm.data import chat
 from intro2llm.data.dpo_dataset import DPOBatches, DPODataset, collate
 from intro2llm.data.sft_dataset import IGNORE_INDEX
 from intro2llm.loss.dpo_loss import DPOLoss
-from intro2llm.training.distributed import DistInfo, init_distributed
+from intro2llm.training.distributed import DistInfo, frozen_replica, init_distributed
 from intro2llm.training.sft_trainer import check_max_positions, sharded_eval_data
 from intro2llm.training.trainer import Trainer, TrainerConfig
 
@@ -54,14 +59,6 @@ def sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    """A reference model: eval mode (no dropout), no parameter requires grad."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 class DPOTrainer(Trainer):
@@ -98,12 +95,14 @@ class DPOTrainer(Trainer):
         self.ref_model: nn.Module | None = None
         self.ref_logps: dict[str, dict[str, torch.Tensor]] = {}
         self._step_metrics: dict[str, list[float]] = defaultdict(list)
+        # The reference is the policy as it is now, unless one is given: copied here, before Trainer wraps the
+        # policy (FSDP shards it in place; a deep copy of a sharded module would share its process group state).
+        ref = None if reference_free else ref_model if ref_model is not None else copy.deepcopy(model)
         super().__init__(model, config, data, eval_data=eval_fn, optimizer=optimizer, scheduler=scheduler,
                          dist_info=info)
-        if not reference_free:
-            # the reference is the policy as it is now, unless one is given
-            ref = ref_model if ref_model is not None else copy.deepcopy(self.raw_model)
-            ref = freeze(ref.to(self.device))
+        if ref is not None:
+            # frozen; under FSDP sharded like the policy (its forwards run in step on every rank), else a replica
+            ref = frozen_replica(ref, self.info, config.strategy, bf16=self.precision == "bf16")
             if precompute_ref:
                 self.ref_logps["train"] = self.precompute_reference(ref, dataset)
                 if eval_dataset is not None:
@@ -138,7 +137,9 @@ class DPOTrainer(Trainer):
     def _logps(self, model: nn.Module, batch: dict[str, torch.Tensor], with_lengths: bool = False):
         """(chosen (B,), rejected (B,)[, chosen lengths, rejected lengths]) from one concatenated forward."""
         ids, labels = self._concat(batch)
-        logps, lengths = sequence_logps(model, ids, labels, _unwrap(model).lm_head.weight)
+        # the head weight is read after the forward (by sequence_logps): under FSDP it is a DTensor shard before
+        # the forward and the gathered full tensor after it
+        logps, lengths = sequence_logps(model, ids, labels)
         c, r = logps.chunk(2)
         return (c, r, *lengths.chunk(2)) if with_lengths else (c, r)
 

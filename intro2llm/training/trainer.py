@@ -43,6 +43,7 @@ from intro2llm.training.distributed import (
     all_reduce_sum,
     barrier,
     broadcast_object,
+    clip_grad_norm,
     consolidate,
     gather_objects,
     init_distributed,
@@ -260,11 +261,7 @@ class Trainer:
                 (loss * weight).backward()
             loss_sum += loss.detach().double() * counts[i]
         loss_val = (all_reduce_sum(loss_sum) / n_global).item()
-        max_norm = self.config.grad_clip if self.config.grad_clip else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP
-            grad_norm = grad_norm.full_tensor()
-        grad_norm = float(grad_norm)
+        grad_norm = clip_grad_norm(self.model.parameters(), self.config.grad_clip)  # global norm (FSDP: all shards)
         lr = self.optimizer.param_groups[0]["lr"]
         skipped = not (math.isfinite(loss_val) and math.isfinite(grad_norm))
         if skipped:
@@ -337,18 +334,24 @@ class Trainer:
         model_state = self._model_state()
         optim_state = self._optimizer_state()
         rngs = gather_objects(ckpt.rng_state())
-        error, path = None, None
+        path = self._on_main(lambda: ckpt.save_checkpoint(self.checkpoint_root(), self.step, model_state, optim_state,
+                                                          self._trainer_state(rngs), keep_last=self.config.keep_last))
+        barrier()
+        return path
+
+    def _on_main(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on rank 0 only (a file-system step of a checkpoint save), its result there and None elsewhere;
+        a ``CheckpointError`` it raises is raised on every rank (broadcast), so no rank waits for a failed one."""
+        error, result = None, None
         if self.info.is_main:
             try:
-                path = ckpt.save_checkpoint(self.checkpoint_root(), self.step, model_state, optim_state,
-                                            self._trainer_state(rngs), keep_last=self.config.keep_last)
+                result = fn()
             except ckpt.CheckpointError as exc:
                 error = str(exc)
         error = broadcast_object(error)
         if error is not None:
             raise ckpt.CheckpointError(error)
-        barrier()
-        return path
+        return result
 
     def _sharded_state(self) -> dict[str, Any]:
         """``{"model": ..., "optim": ...}`` keyed by parameter names (FSDP: DTensor shards; else full tensors), the
@@ -362,15 +365,7 @@ class Trainer:
         import torch.distributed.checkpoint as dcp
 
         root = self.checkpoint_root()
-        tmp, error = None, None
-        if self.info.is_main:
-            try:
-                tmp = ckpt.begin_sharded_save(root, self.step)
-            except ckpt.CheckpointError as exc:
-                error = str(exc)
-        tmp, error = broadcast_object((tmp, error))
-        if error is not None:
-            raise ckpt.CheckpointError(error)
+        tmp = broadcast_object(self._on_main(lambda: ckpt.begin_sharded_save(root, self.step)))
         try:  # collective: DCP gathers every rank's plan and reports any rank's failure on all ranks
             dcp.save(self._sharded_state(), checkpoint_id=Path(tmp) / ckpt.SHARDED_DIR)
         except Exception as exc:  # noqa: BLE001 - any failure of the write: name it, keep older checkpoints
@@ -378,16 +373,8 @@ class Trainer:
                 ckpt.abort_save(tmp)
             raise ckpt.CheckpointError(f"saving sharded checkpoint step {self.step} into {tmp} failed: {exc}") from exc
         rngs = gather_objects(ckpt.rng_state())
-        path = None
-        if self.info.is_main:
-            try:
-                path = ckpt.finish_sharded_save(root, self.step, tmp, self._trainer_state(rngs),
-                                                keep_last=self.config.keep_last)
-            except ckpt.CheckpointError as exc:
-                error = str(exc)
-        error = broadcast_object(error)
-        if error is not None:
-            raise ckpt.CheckpointError(error)
+        path = self._on_main(lambda: ckpt.finish_sharded_save(root, self.step, tmp, self._trainer_state(rngs),
+                                                              keep_last=self.config.keep_last))
         barrier()
         return path
 
