@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from intro2llm.model import CausalLM, ModelConfig
+from intro2llm.model import lora as lora_module
 from intro2llm.model.lora import (
     DEFAULT_TARGETS,
     LoRALayer,
@@ -108,6 +109,86 @@ def test_merge_equals_unmerged_and_merging_twice_is_a_noop():
     with pytest.warns(UserWarning, match="not merged"):
         layer.unmerge()
     torch.testing.assert_close(layer.base_layer.weight, w0, rtol=0, atol=1e-6)
+
+
+def _fast_path_taken(y: torch.Tensor) -> bool:
+    node, seen = y.grad_fn, 0
+    while node is not None and seen < 3:  # ViewBackward0 -> _LoRALinearFunctionBackward
+        if "_LoRALinearFunction" in type(node).__name__:
+            return True
+        node, seen = (node.next_functions[0][0] if node.next_functions else None), seen + 1
+    return False
+
+
+def _forward_and_grads(layer: LoRALayer, x: torch.Tensor, fast: bool, monkeypatch) -> list[torch.Tensor | None]:
+    monkeypatch.setattr(lora_module, "FAST_PATH", fast)
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    y = layer(x)
+    assert _fast_path_taken(y) == fast
+    g = torch.linspace(-1, 1, y.numel()).view(y.shape)
+    y.backward(g)
+    return [y.detach(), x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_fast_path_equals_the_plain_forward_and_gradients(bias, x_grad, monkeypatch):
+    torch.manual_seed(0)
+    layer = LoRALayer(nn.Linear(24, 20, bias=bias), r=4, alpha=6)  # scaling 1.5: not a power of two
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 7, 24).requires_grad_(x_grad)
+    fast = _forward_and_grads(layer, x, True, monkeypatch)
+    plain = _forward_and_grads(layer, x, False, monkeypatch)
+    assert (fast[1] is None) == (plain[1] is None) == (not x_grad)
+    for f, p in zip(fast, plain):
+        if p is not None:
+            torch.testing.assert_close(f, p)  # fp32 rounding of the reordered scaling only
+    assert fast[2].abs().sum() > 0 and fast[3].abs().sum() > 0
+    assert layer.base_layer.weight.grad is None and (not bias or layer.base_layer.bias.grad is None)
+    with torch.no_grad():  # inference (generation) takes it too, without saving anything for a backward
+        torch.testing.assert_close(layer(x), plain[0])
+
+
+def test_fast_path_is_skipped_where_it_would_change_the_result():
+    torch.manual_seed(0)
+    x = torch.randn(5, 16)
+    with_dropout = LoRALayer(nn.Linear(16, 8), r=2, dropout=0.1)
+    assert not _fast_path_taken(with_dropout(x))
+    trainable_base = LoRALayer(nn.Linear(16, 8), r=2)
+    trainable_base.base_layer.weight.requires_grad_(True)  # unfrozen by hand: its gradient must still come
+    y = trainable_base(x)
+    assert not _fast_path_taken(y)
+    y.sum().backward()
+    assert trainable_base.base_layer.weight.grad is not None
+    layer = LoRALayer(nn.Linear(16, 8), r=2)
+    assert _fast_path_taken(layer(x))
+    bf16_base = LoRALayer(nn.Linear(16, 8).to(torch.bfloat16), r=2)  # fp32 adapters over bf16: the plain casts
+    assert not _fast_path_taken(bf16_base(x.to(torch.bfloat16).requires_grad_()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert not _fast_path_taken(y) and y.dtype == torch.bfloat16  # autocast ran the plain forward
+    with pytest.raises(ValueError, match="must be frozen"):
+        lora_module.lora_linear(x, trainable_base.base_layer.weight, None, layer.lora_A.weight,
+                                layer.lora_B.weight, 1.0)
+
+
+def test_fast_path_model_loss_and_adapter_gradients_equal_the_plain_ones(monkeypatch):
+    model = get_lora_model(tiny_model(), r=4, alpha=6).train()
+    randomize_lora(model)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 9))
+    result = {}
+    for fast in (True, False):
+        monkeypatch.setattr(lora_module, "FAST_PATH", fast)
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        result[fast] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(result[True][0], result[False][0], rtol=1e-6, atol=1e-6)
+    assert result[True][1].keys() == result[False][1].keys()
+    for name, g in result[True][1].items():
+        torch.testing.assert_close(g, result[False][1][name], rtol=1e-5, atol=1e-6, msg=name)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
 
 def test_bad_arguments():

@@ -101,6 +101,9 @@ class LoRALayer(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) → (..., out)
+        if not self.merged and _fast_path_applies(self, x):  # same math, fewer tensors (see lora_linear)
+            return lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight,
+                               self.lora_B.weight, self.scaling)
         y = self.base_layer(x)
         if self.merged:
             return y
@@ -145,6 +148,68 @@ class LoRALayer(nn.Module):
         w = base.weight
         w.copy_((w.float() - self.delta_weight()).to(w.dtype))
         self.merged = False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fast path: the same forward and gradients over a frozen nn.Linear, without the temporaries
+# ---------------------------------------------------------------------------------------------------------------
+FAST_PATH = True  # LoRALayer uses lora_linear where it applies; False: always the plain forward (tests compare)
+
+
+def _fast_path_applies(layer: LoRALayer, x: torch.Tensor) -> bool:
+    """``lora_linear`` computes exactly ``LoRALayer.forward`` when: the base is a frozen ``nn.Linear``, there is no
+    dropout, no autocast, and x, W₀, A and B share one dtype (fp32 adapters over an fp32 base)."""
+    base = layer.base_layer
+    if not FAST_PATH or type(base) is not nn.Linear or not isinstance(layer.lora_dropout, nn.Identity):
+        return False
+    w, a = base.weight, layer.lora_A.weight
+    if w.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return False
+    return x.dtype == w.dtype == a.dtype == layer.lora_B.weight.dtype and x.device == w.device
+
+
+class _LoRALinearFunction(torch.autograd.Function):
+    """y = x W₀ᵀ + b + s (x Aᵀ) Bᵀ with W₀, b frozen; x is (N, in). Autograd of the plain forward keeps the base
+    output and the sum as two (N, out) tensors and adds x's two gradient contributions in a third; here each sum is
+    accumulated in place into one buffer (``addmm_``), and no gradient is ever computed for W₀ or b:
+
+        forward:  y = x W₀ᵀ + b;  u = x Aᵀ (N, r, saved);  y += s u Bᵀ
+        backward: du = s g B;  dB = s gᵀ u;  dA = duᵀ x;  dx = g W₀ + du A
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
+        y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+        u = torch.mm(x, lora_a.t())  # (N, r)
+        y.addmm_(u, lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, u)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, weight, lora_a, lora_b, u = ctx.saved_tensors
+        s = ctx.scaling
+        g = g.contiguous()
+        du = torch.mm(g, lora_b * s)  # (N, r)
+        grad_a = torch.mm(du.t(), x) if ctx.needs_input_grad[3] else None  # (r, in)
+        grad_b = torch.mm(u.t(), g).t().mul_(s) if ctx.needs_input_grad[4] else None  # (out, r)
+        grad_x = torch.mm(g, weight).addmm_(du, lora_a) if ctx.needs_input_grad[0] else None  # (N, in)
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``x W₀ᵀ + b + scaling · (x Aᵀ) Bᵀ`` for x (..., in), W₀ (out, in) and b frozen, A (r, in), B (out, r): the
+    plain forward's values and gradients (tested equal), fewer temporaries (``_LoRALinearFunction``)."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("lora_linear: the base weight and bias must be frozen (requires_grad=False)")
+    lead = x.shape[:-1]
+    y = _LoRALinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, float(scaling))
+    return y.view(*lead, weight.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
