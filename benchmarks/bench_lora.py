@@ -7,15 +7,20 @@
    ``transformers``' ``LlamaForCausalLM``: same initial weights (``intro2llm.interop`` maps the names), the same
    adapter values (A copied, B set to the same random values so every gradient is non-trivial), the same batch,
    fp32. A step is forward with labels, backward, ``optimizer.step()`` (AdamW over the adapters) and ``zero_grad``.
-   Ours: ``get_lora_model`` + the ops' fast backends + the fused linear cross-entropy + our AdamW; theirs:
-   ``peft.get_peft_model`` + eager Llama (SDPA) + ``torch.optim.AdamW``. The two steps alternate within one
-   process (``--rounds`` rounds after a warm-up) and the median of each side is compared.
-2. Peak memory of a training step, QLoRA (NF4 base with double quantization, fp32 compute, LoRA r = 8) vs full
-   fine-tuning (every weight trains, AdamW) vs LoRA: each in a fresh subprocess. ``VmRSS`` is read before the model
-   is built; the model (and its quantization) is built, ``VmHWM`` reset (``5`` into ``/proc/self/clear_refs``)
-   and 3 steps run; the figure is ``VmHWM - VmRSS before`` = resident weights + gradients + optimizer state +
-   activations + temporaries (the fp32 weights a real loader would never hold at once are not counted: they are
-   freed by the quantization before the reset). Linux only (``/proc``).
+   Ours: ``get_lora_model`` (its ``lora_linear`` fast path) + the ops' fast backends + the fused linear
+   cross-entropy + our AdamW; theirs: ``peft.get_peft_model`` + eager Llama (SDPA) + ``torch.optim.AdamW``. The
+   two steps alternate within one process (``--rounds`` rounds after a warm-up) and the median of each side is
+   compared.
+2. Peak memory of a training step, QLoRA (NF4 base with double quantization, fp32 compute, LoRA r = 8, activation
+   checkpointing per block as ``--qlora`` does by default and as the QLoRA recipe does) vs full fine-tuning (every
+   weight trains, AdamW, no checkpointing: the plain baseline) vs LoRA; for honesty also full fine-tuning with
+   checkpointing ("full+ckpt") and QLoRA without it ("qlora-no-ckpt"). Each in a fresh subprocess. ``VmRSS`` is
+   read before the model is built; the model (and its quantization) is built, ``VmHWM`` reset (``5`` into
+   ``/proc/self/clear_refs``) and 3 steps run; the figure is ``VmHWM - VmRSS before`` = resident weights +
+   gradients + optimizer state + activations + temporaries (the fp32 weights a real loader would never hold at once
+   are not counted: they are freed by the quantization before the reset). Linux only (``/proc``). Measured twice:
+   with glibc's default malloc, and with its mmap threshold fixed at 128 KiB (``mallopt``), which returns freed
+   large blocks to the OS at once so that the RSS peak follows the peak of live tensors (see ``_fix_mmap_threshold``).
 3. Stored bytes of the quantized weights vs bf16 (``quantized_weight_report``).
 4. ``--sft-demo BASE``: QLoRA (NF4 + double quant, LoRA r = 8 on all projections) SFT of a pretrained synthetic-task
    model with ``SFTTrainer`` on ``intro2llm sft``'s synthetic data; prints the held-out loss over the supervised
@@ -68,10 +73,18 @@ def _adapter_values(model: torch.nn.Module, seed: int = 1) -> dict[str, tuple[to
     return out
 
 
+MEMORY_IMPLS = ("full", "full+ckpt", "lora", "qlora", "qlora-no-ckpt")
+
+
 def build(impl: str, batch: int = BATCH, seq: int = SEQ):
-    """(model, step_fn) for impl in {"ours", "peft"} (LoRA) or {"full", "lora", "qlora"} (ours, for memory)."""
+    """(model, step_fn) for impl in {"ours", "peft"} (LoRA) or MEMORY_IMPLS (ours, for memory): "qlora" has
+    activation checkpointing on (the default of ``--qlora``), "qlora-no-ckpt" off; "full+ckpt" is full
+    fine-tuning with it."""
     ours = _ours()
     ids = _batch(ours.config.vocab_size, batch, seq)
+    if impl.endswith("+ckpt") or impl == "qlora":
+        ours.set_gradient_checkpointing(True)
+    impl = {"full+ckpt": "full", "qlora-no-ckpt": "qlora"}.get(impl, impl)
     if impl in ("ours", "lora", "qlora", "full"):
         from intro2llm.model.lora import get_lora_model
         from intro2llm.model.qlora import prepare_qlora_model
@@ -127,7 +140,21 @@ def test_lora_step(benchmark, impl):
 
 
 # ----------------------------------------------------------------------------------------------- script
-def _memory_child(impl: str, batch: int, seq: int) -> None:
+def _fix_mmap_threshold(nbytes: int = 128 * 1024) -> None:
+    """glibc: serve every block >= ``nbytes`` by mmap, so a freed large block goes back to the OS at once. By
+    default the threshold grows to the largest block freed so far (up to 32 MiB), after which blocks of that size
+    come from the heap, whose freed pieces stay resident (fragmentation): the RSS peak then exceeds the peak of live
+    tensors by however much the heap keeps."""
+    import ctypes
+
+    M_MMAP_THRESHOLD = -3  # malloc.h
+    if ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, nbytes) != 1:
+        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed (not glibc?)")
+
+
+def _memory_child(impl: str, batch: int, seq: int, fixed_mmap: bool = False) -> None:
+    if fixed_mmap:
+        _fix_mmap_threshold()
     import intro2llm.model.causal_lm  # noqa: F401 - import everything before the baseline
     import intro2llm.model.lora  # noqa: F401
     import intro2llm.model.qlora  # noqa: F401
@@ -142,8 +169,9 @@ def _memory_child(impl: str, batch: int, seq: int) -> None:
     print(json.dumps({"impl": impl, "peak_mib": peak_mib_since(before)}))
 
 
-def measure_memory(impl: str, batch: int, seq: int) -> float:
+def measure_memory(impl: str, batch: int, seq: int, fixed_mmap: bool = False) -> float:
     cmd = [sys.executable, __file__, "--memory-child", impl, "--batch", str(batch), "--seq", str(seq)]
+    cmd += ["--fixed-mmap-threshold"] if fixed_mmap else []
     return child_json_value(cmd, "peak_mib")
 
 
@@ -208,6 +236,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--fixed-mmap-threshold", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--sft-demo", default=None, metavar="BASE",
                     help="instead: QLoRA SFT of the pretrained BASE dir on the synthetic task (loss/exact match)")
     ap.add_argument("--sft-out", default="runs/qlora_sft_demo")
@@ -223,7 +252,7 @@ def main() -> None:
                                   20_000, args.sft_eval), indent=1))
         return
     if args.memory_child:
-        _memory_child(args.memory_child, args.batch, args.seq)
+        _memory_child(args.memory_child, args.batch, args.seq, args.fixed_mmap_threshold)
         return
     result = {"device": DEVICE, "threads": torch.get_num_threads(), "batch": args.batch, "seq": args.seq,
               "rank": RANK, "stored_weight_vs_bf16": size_report()}
@@ -233,9 +262,15 @@ def main() -> None:
         result["lora_speed_ratio_ours_vs_peft"] = round(tps["ours"] / tps["peft"], 3)
         print(json.dumps(result), flush=True)  # a partial result first: the memory runs take long on a busy CPU
     if DEVICE == "cpu" and os.path.exists("/proc/self/clear_refs"):
-        mem = {impl: measure_memory(impl, args.batch, args.seq) for impl in ("full", "lora", "qlora")}
-        result["peak_mib"] = {k: round(v, 1) for k, v in mem.items()}
-        result["qlora_vs_full_memory"] = round(mem["qlora"] / mem["full"], 3)
+        for fixed, key in ((False, "glibc_default"), (True, "fixed_mmap_threshold_128k")):
+            mem = {impl: measure_memory(impl, args.batch, args.seq, fixed) for impl in MEMORY_IMPLS}
+            result[f"peak_mib_{key}"] = {k: round(v, 1) for k, v in mem.items()}
+            result[f"ratios_{key}"] = {
+                "qlora_vs_full": round(mem["qlora"] / mem["full"], 3),  # the target's ratio
+                "qlora_vs_full+ckpt": round(mem["qlora"] / mem["full+ckpt"], 3),
+                "qlora-no-ckpt_vs_full": round(mem["qlora-no-ckpt"] / mem["full"], 3),
+            }
+            print(json.dumps({key: result[f"ratios_{key}"]}), flush=True)
     print(json.dumps(result, indent=1))
 
 

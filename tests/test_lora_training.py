@@ -120,6 +120,22 @@ def test_bad_flags():
     assert json.dumps(s)
 
 
+def test_activation_checkpointing_flag_defaults_on_for_qlora_only():
+    from intro2llm.training.peft_args import peft_settings
+
+    assert peft_settings(parse("--qlora"))["activation_checkpointing"] is True  # the QLoRA recipe
+    assert peft_settings(parse("--qlora", "--no-activation-checkpointing"))["activation_checkpointing"] is False
+    assert peft_settings(parse("--lora", "4"))["activation_checkpointing"] is False
+    assert peft_settings(parse("--lora", "4", "--activation-checkpointing"))["activation_checkpointing"] is True
+    assert apply_peft_args(micro_model(), parse("--qlora", "--lora", "4")).gradient_checkpointing
+    assert not apply_peft_args(micro_model(), parse("--qlora", "--no-activation-checkpointing")).gradient_checkpointing
+    assert not apply_peft_args(micro_model(), parse("--lora", "4")).gradient_checkpointing
+    assert apply_peft_args(micro_model(), parse("--activation-checkpointing")).gradient_checkpointing  # full FT
+    assert not apply_peft_args(micro_model(), parse()).gradient_checkpointing
+    with pytest.raises(ValueError, match="activation checkpointing.*Linear has no set_gradient_checkpointing"):
+        apply_peft_args(torch.nn.Linear(4, 4), parse("--activation-checkpointing"))
+
+
 # ---------------------------------------------------------------------------------------------------- the CLI
 MICRO = {"vocab_size": 8, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}

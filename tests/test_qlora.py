@@ -127,3 +127,57 @@ def test_merge_and_unload_dequantizes_into_plain_linears():
         got = model(ids).logits
     assert not any(isinstance(m, LoRALayer | Linear4bit) for m in model.modules())
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------- checkpointing
+@pytest.mark.parametrize("kind", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("masks", ["none", "padding", "segments"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(kind, masks):
+    model = tiny_model()
+    if kind == "qlora":
+        prepare_qlora_model(model)
+    if kind != "full":
+        get_lora_model(model, r=4, alpha=8)
+        for layer in lora_layers(model).values():
+            nn.init.normal_(layer.lora_B.weight, std=0.05)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 12), generator=g)
+    kw = {}
+    if masks == "padding":
+        kw["attention_mask"] = torch.tensor([[0] * 3 + [1] * 9, [1] * 12])
+    elif masks == "segments":
+        kw["segment_ids"] = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])
+    block_calls = []
+    for block in model.layers:
+        block.register_forward_pre_hook(lambda *_: block_calls.append(1))  # recomputation may stop early
+    n_saved: list[int] = []  # elements of the tensors the forward keeps for the backward
+
+    def pack(t):
+        n_saved.append(t.numel())
+        return t
+
+    saved = {}
+    result = {}
+    for ckpt in (False, True):
+        model.set_gradient_checkpointing(ckpt)
+        model.zero_grad(set_to_none=True)
+        block_calls.clear()
+        n_saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(ids, labels=ids, return_logits=False, **kw).loss
+        saved[ckpt] = sum(n_saved)
+        loss.backward()
+        result[ckpt] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        # checkpointed: each block runs again in the backward (the recomputation)
+        assert len(block_calls) == TINY["num_hidden_layers"] * (2 if ckpt else 1)
+    assert saved[True] < 0.5 * saved[False]  # what the forward keeps for the backward
+    assert torch.equal(result[True][0], result[False][0])
+    assert result[True][1].keys() == result[False][1].keys() and result[True][1]
+    for name, grad in result[True][1].items():
+        torch.testing.assert_close(grad, result[False][1][name], rtol=1e-6, atol=1e-7, msg=name)
+    with torch.no_grad():  # no autograd: nothing to checkpoint, generation runs as before
+        model.eval()
+        out = model.generate(ids[:, :4], max_new_tokens=3)
+    model.set_gradient_checkpointing(False)
+    assert torch.equal(out, model.generate(ids[:, :4], max_new_tokens=3))

@@ -3,7 +3,8 @@ generation loop (greedy, temperature, top-k, top-p, repetition penalty; left-pad
 
 Training: ``model(input_ids, labels=labels)`` shifts the labels inside (token t predicts token t+1; -100 is
 ignored) and uses ``intro2llm.ops.cross_entropy``; with ``return_logits=False`` it calls
-``intro2llm.ops.fused_linear_cross_entropy`` so the (B, T, V) logits never exist.
+``intro2llm.ops.fused_linear_cross_entropy`` so the (B, T, V) logits never exist. ``set_gradient_checkpointing()``
+recomputes each block in the backward instead of keeping its activations (QLoRA turns it on by default).
 
 Generation (``generate`` / ``stream_generate``): the prompt is run once (prefill) into a ``StaticKVCache``
 sized for prompt + new tokens, then one token per step (decode). Rows of a left-padded batch get
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from intro2llm import ops
 from intro2llm.course import lesson_task
@@ -166,6 +168,15 @@ class CausalLM(nn.Module):
         elif isinstance(module, TokenEmbedding):
             nn.init.normal_(module.weight, std=std)
 
+    gradient_checkpointing = False  # set_gradient_checkpointing(True): recompute each block in the backward
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Activation (gradient) checkpointing per Transformer block (``torch.utils.checkpoint``, non-reentrant):
+        a training forward keeps only each block's input and the backward recomputes the block, trading one
+        extra forward of the blocks for their activations' memory. Same values and gradients; no effect without
+        autograd or with a KV cache."""
+        self.gradient_checkpointing = bool(enabled)
+
     def num_parameters(self) -> int:
         """Unique parameters (a tied LM head counts once)."""
         return sum(p.numel() for p in self.parameters())
@@ -264,9 +275,14 @@ class CausalLM(nn.Module):
         else:
             h = self.pos_encoding(h, position_ids)
         h = self.dropout(h)
+        checkpointed = self.gradient_checkpointing and kv_cache is None and torch.is_grad_enabled()
         for layer in self.layers:
-            h = layer(h, rope, kv_cache, key_padding_mask, segment_ids) if segment_ids is not None \
-                else layer(h, rope, kv_cache, key_padding_mask)
+            if checkpointed:  # keep only the block's input; its activations are recomputed in the backward
+                extra = () if segment_ids is None else (segment_ids,)
+                h = checkpoint(layer, h, rope, None, key_padding_mask, *extra, use_reentrant=False)
+            else:
+                h = layer(h, rope, kv_cache, key_padding_mask, segment_ids) if segment_ids is not None \
+                    else layer(h, rope, kv_cache, key_padding_mask)
         if kv_cache is not None:
             kv_cache.advance(input_ids.shape[1])
         return self.norm(h)

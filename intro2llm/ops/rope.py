@@ -105,11 +105,11 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(cos, sin)
 
 
-def _table_grads(ctx, gq, gk):
+def _table_grads(saved, gq, gk):
     """Eager dcos/dsin (summed over heads, and over batch for a shared table), or (None, None)."""
-    if len(ctx.saved_tensors) == 2:
+    if len(saved) == 2:
         return None, None
-    cos, sin, q, k = ctx.saved_tensors
+    cos, sin, q, k = saved
     gq, gk, qf, kf = gq.float(), gk.float(), q.float(), k.float()
     dcos = (gq * qf).sum(1) + (gk * kf).sum(1)  # (B, T, D)
     dsin = (gq * _rotate_half(qf)).sum(1) + (gk * _rotate_half(kf)).sum(1)  # (B, T, D)
@@ -119,9 +119,10 @@ def _table_grads(ctx, gq, gk):
 
 
 def _backward(bwd, ctx, gq, gk):
-    cos, sin = ctx.saved_tensors[:2]
+    saved = ctx.saved_tensors  # read once: under activation checkpointing each saved tensor unpacks only once
+    cos, sin = saved[:2]
     dq, dk = bwd(gq, gk, cos, sin)  # the kernels take any strides
-    dcos, dsin = _table_grads(ctx, gq, gk)
+    dcos, dsin = _table_grads(saved, gq, gk)
     return dq, dk, dcos, dsin
 
 

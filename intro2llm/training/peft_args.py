@@ -7,10 +7,12 @@ to an argparse parser and applies them to a loaded base model.
     model = load_adapted_model(out_dir)             # base (from the adapter's pointer) + adapters, ready to run
 
 ``--qlora`` quantizes the base's linear layers to NF4 (``prepare_qlora_model``) and adds LoRA adapters of rank
-``--lora`` (8 when not given) on top; ``--lora`` alone adds adapters to the full-precision base. Only the adapters
-train: the optimizer is built from ``requires_grad`` parameters, and ``Trainer`` checkpoints of such a model hold
-only the adapters plus a pointer to the base (``trainer.pt``'s ``adapter`` entry), from which ``--resume``
-rebuilds the same model. This module imports no torch at the top level (CLIs list commands quickly).
+``--lora`` (8 when not given) on top; ``--lora`` alone adds adapters to the full-precision base. With ``--qlora``
+activation checkpointing is on by default (``CausalLM.set_gradient_checkpointing``, the QLoRA recipe's memory
+saver; ``--no-activation-checkpointing`` turns it off, ``--activation-checkpointing`` turns it on for any run).
+Only the adapters train: the optimizer is built from ``requires_grad`` parameters, and ``Trainer`` checkpoints
+of such a model hold only the adapters plus a pointer to the base (``trainer.pt``'s ``adapter`` entry), from
+which ``--resume`` rebuilds the same model. This module imports no torch at the top level (CLIs list commands quickly).
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ def add_peft_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-double-quant", action="store_true", help="QLoRA without double quantization of absmax")
     g.add_argument("--qlora-compute-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="dtype of the 4-bit matmuls (bf16 is the paper's; fp32 is faster on CPUs without AMX)")
+    g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each Transformer block in the backward instead of keeping its activations "
+                        "(default: on with --qlora, as in the QLoRA recipe; off otherwise)")
 
 
 def peft_requested(args: argparse.Namespace) -> bool:
@@ -67,7 +72,18 @@ def peft_settings(args: argparse.Namespace) -> dict[str, Any] | None:
     qlora = None
     if args.qlora:
         qlora = {"double_quant": not args.no_double_quant, "compute_dtype": args.qlora_compute_dtype}
-    return {"r": r, "alpha": alpha, "dropout": args.lora_dropout, "target_modules": targets, "qlora": qlora}
+    ckpt = getattr(args, "activation_checkpointing", None)
+    return {"r": r, "alpha": alpha, "dropout": args.lora_dropout, "target_modules": targets, "qlora": qlora,
+            "activation_checkpointing": bool(args.qlora) if ckpt is None else bool(ckpt)}
+
+
+def set_activation_checkpointing(model: Any, enabled: bool) -> None:
+    """``model.set_gradient_checkpointing(enabled)``; ValueError for a model without it."""
+    if not hasattr(model, "set_gradient_checkpointing"):
+        if enabled:
+            raise ValueError(f"activation checkpointing: {type(model).__name__} has no set_gradient_checkpointing")
+        return
+    model.set_gradient_checkpointing(enabled)
 
 
 def apply_settings(model: Any, settings: dict[str, Any] | None, base: str | None = None) -> Any:
@@ -81,6 +97,7 @@ def apply_settings(model: Any, settings: dict[str, Any] | None, base: str | None
     if settings is None:
         return model
     q = settings.get("qlora")
+    set_activation_checkpointing(model, settings.get("activation_checkpointing", bool(q)))
     if q:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[q.get("compute_dtype", "fp32")]
         prepare_qlora_model(model, double_quant=q.get("double_quant", True), compute_dtype=dtype)
@@ -92,8 +109,14 @@ def apply_settings(model: Any, settings: dict[str, Any] | None, base: str | None
 
 
 def apply_peft_args(model: Any, args: argparse.Namespace, base: str | None = None) -> Any:
-    """``apply_settings(model, peft_settings(args), base)``: a no-op without ``--lora``/``--qlora``."""
-    return apply_settings(model, peft_settings(args), base)
+    """``apply_settings(model, peft_settings(args), base)``; without ``--lora``/``--qlora`` only an explicit
+    ``--activation-checkpointing`` applies (full fine-tuning)."""
+    settings = peft_settings(args)
+    if settings is None:
+        if getattr(args, "activation_checkpointing", None):
+            set_activation_checkpointing(model, True)
+        return model
+    return apply_settings(model, settings, base)
 
 
 def export_model(model: Any, out_dir: Any, tokenizer: Any | None = None, template: Any | None = None) -> None:
