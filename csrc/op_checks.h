@@ -1,9 +1,11 @@
-// Argument checks shared by an op's CPU kernels (csrc/cpu) and its CUDA binding (csrc/cuda): shapes and dtype
-// agreement, written once with errors that name the op and the shapes. Each device adds only its own checks
-// (where the tensors live, which dtypes its kernels take).
+// Shared by an op's CPU kernels (csrc/cpu) and its CUDA binding (csrc/cuda): the argument checks (shapes and dtype
+// agreement, written once with errors that name the op and the shapes; each device adds only its own checks: where
+// the tensors live, which dtypes its kernels take) and, at the end, the registrations (which kernel serves which
+// schema of ops.cpp, written once; a device passes its kernels as template arguments).
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <optional>
 #include <string>
@@ -143,6 +145,67 @@ inline int check_nf4_matmul_args(const at::Tensor& a, int64_t n_or_k, bool backw
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == N), op, ": bias must have shape (", N,
               "), got ", bias.has_value() ? bias->sizes() : at::IntArrayRef{});
   return shift;
+}
+
+// ---- registrations: TORCH_LIBRARY_IMPL(intro2llm, DEVICE, m) { impl_OP<the device's kernels>(m); }
+
+template <auto Fwd, auto Bwd>
+void impl_rms_norm(torch::Library& m) {
+  m.impl("rms_norm_fwd", Fwd);
+  m.impl("rms_norm_bwd", Bwd);
+}
+
+template <auto Fwd, auto Bwd>
+void impl_flash_attention(torch::Library& m) {
+  m.impl("flash_attention_fwd", Fwd);
+  m.impl("flash_attention_bwd", Bwd);
+}
+
+template <auto Fwd, auto Bwd, auto FwdBwdInplace>
+void impl_cross_entropy(torch::Library& m) {
+  m.impl("cross_entropy_fwd", Fwd);
+  m.impl("cross_entropy_bwd", Bwd);
+  m.impl("cross_entropy_fwd_bwd_", FwdBwdInplace);
+}
+
+template <auto Dequantize, auto MatmulFwd, auto MatmulBwd>
+void impl_nf4(torch::Library& m) {
+  m.impl("nf4_dequantize", Dequantize);
+  m.impl("nf4_matmul_fwd", MatmulFwd);
+  m.impl("nf4_matmul_bwd", MatmulBwd);
+}
+
+// RoPE: one kernel Rope(q, k, cos, sin, backward, op); the backward rotates the gradients by -theta.
+template <auto Rope>
+void impl_rope(torch::Library& m) {
+  m.impl("apply_rope_fwd", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin) {
+    return Rope(q, k, cos, sin, /*backward=*/false, "intro2llm::apply_rope_fwd");
+  });
+  m.impl("apply_rope_bwd", [](const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& cos,
+                              const at::Tensor& sin) {
+    return Rope(grad_q, grad_k, cos, sin, /*backward=*/true, "intro2llm::apply_rope_bwd");
+  });
+}
+
+// SwiGLU/GeGLU: one forward Fwd(gate, up, act, op) and one backward Bwd(grad, gate, up, act, op) for every
+// activation; Act is the device's activation code (kSilu, kGelu, kGeluTanh).
+template <typename Act, auto Fwd, auto Bwd>
+void impl_glu(torch::Library& m) {
+  m.impl("swiglu_fwd", [](const at::Tensor& gate, const at::Tensor& up) {
+    return Fwd(gate, up, Act::kSilu, "intro2llm::swiglu_fwd");
+  });
+  m.impl("swiglu_bwd", [](const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up) {
+    return Bwd(grad, gate, up, Act::kSilu, "intro2llm::swiglu_bwd");
+  });
+  m.impl("geglu_fwd", [](const at::Tensor& gate, const at::Tensor& up, c10::string_view approximate) {
+    const char* op = "intro2llm::geglu_fwd";
+    return Fwd(gate, up, geglu_uses_tanh(approximate, op) ? Act::kGeluTanh : Act::kGelu, op);
+  });
+  m.impl("geglu_bwd", [](const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up,
+                         c10::string_view approximate) {
+    const char* op = "intro2llm::geglu_bwd";
+    return Bwd(grad, gate, up, geglu_uses_tanh(approximate, op) ? Act::kGeluTanh : Act::kGelu, op);
+  });
 }
 
 }  // namespace intro2llm

@@ -255,9 +255,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_bwd_cpu(at::Tensor& logits,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(intro2llm, CPU, m) {
-  m.impl("cross_entropy_fwd", &cross_entropy_fwd_cpu);
-  m.impl("cross_entropy_bwd", &cross_entropy_bwd_cpu);
-  m.impl("cross_entropy_fwd_bwd_", &cross_entropy_fwd_bwd_cpu);
+  impl_cross_entropy<cross_entropy_fwd_cpu, cross_entropy_bwd_cpu, cross_entropy_fwd_bwd_cpu>(m);
 }
 
 }  // namespace intro2llm

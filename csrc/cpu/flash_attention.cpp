@@ -896,9 +896,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(intro2llm, CPU, m) {
-  m.impl("flash_attention_fwd", &flash_attention_fwd_cpu);
-  m.impl("flash_attention_bwd", &flash_attention_bwd_cpu);
-}
+TORCH_LIBRARY_IMPL(intro2llm, CPU, m) { impl_flash_attention<flash_attention_fwd_cpu, flash_attention_bwd_cpu>(m); }
 
 }  // namespace intro2llm

@@ -292,10 +292,6 @@ at::Tensor nf4_matmul_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& packed
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(intro2llm, CPU, m) {
-  m.impl("nf4_dequantize", &nf4_dequantize_cpu);
-  m.impl("nf4_matmul_fwd", &nf4_matmul_fwd_cpu);
-  m.impl("nf4_matmul_bwd", &nf4_matmul_bwd_cpu);
-}
+TORCH_LIBRARY_IMPL(intro2llm, CPU, m) { impl_nf4<nf4_dequantize_cpu, nf4_matmul_fwd_cpu, nf4_matmul_bwd_cpu>(m); }
 
 }  // namespace intro2llm

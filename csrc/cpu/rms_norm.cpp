@@ -123,9 +123,6 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu(const at::Tensor& grad_y, co
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(intro2llm, CPU, m) {
-  m.impl("rms_norm_fwd", &rms_norm_fwd_cpu);
-  m.impl("rms_norm_bwd", &rms_norm_bwd_cpu);
-}
+TORCH_LIBRARY_IMPL(intro2llm, CPU, m) { impl_rms_norm<rms_norm_fwd_cpu, rms_norm_bwd_cpu>(m); }
 
 }  // namespace intro2llm

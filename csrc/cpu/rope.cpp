@@ -93,21 +93,8 @@ std::tuple<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& q_in, const at::Te
   return {q_out, k_out};
 }
 
-std::tuple<at::Tensor, at::Tensor> apply_rope_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
-                                                      const at::Tensor& sin) {
-  return rope_cpu(q, k, cos, sin, /*backward=*/false, "intro2llm::apply_rope_fwd");
-}
-
-std::tuple<at::Tensor, at::Tensor> apply_rope_bwd_cpu(const at::Tensor& grad_q, const at::Tensor& grad_k,
-                                                      const at::Tensor& cos, const at::Tensor& sin) {
-  return rope_cpu(grad_q, grad_k, cos, sin, /*backward=*/true, "intro2llm::apply_rope_bwd");
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(intro2llm, CPU, m) {
-  m.impl("apply_rope_fwd", &apply_rope_fwd_cpu);
-  m.impl("apply_rope_bwd", &apply_rope_bwd_cpu);
-}
+TORCH_LIBRARY_IMPL(intro2llm, CPU, m) { impl_rope<rope_cpu>(m); }
 
 }  // namespace intro2llm

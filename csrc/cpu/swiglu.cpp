@@ -282,10 +282,6 @@ void glu_bwd_impl(BwdFn fn, const scalar_t* dy, const scalar_t* g, const scalar_
   });
 }
 
-int parse_act(c10::string_view approximate, const char* op) {
-  return geglu_uses_tanh(approximate, op) ? kGeluTanh : kGelu;
-}
-
 void check_pair(const at::Tensor& gate, const at::Tensor& up, const char* op, const at::Tensor* grad = nullptr) {
   check_glu_args(gate, up, op, grad);
   const auto st = gate.scalar_type();
@@ -326,33 +322,8 @@ std::tuple<at::Tensor, at::Tensor> glu_bwd_cpu(const at::Tensor& grad, const at:
   return {dg, du};
 }
 
-at::Tensor swiglu_fwd_cpu(const at::Tensor& gate, const at::Tensor& up) {
-  return glu_fwd_cpu(gate, up, kSilu, "intro2llm::swiglu_fwd");
-}
-
-std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cpu(const at::Tensor& grad, const at::Tensor& gate,
-                                                  const at::Tensor& up) {
-  return glu_bwd_cpu(grad, gate, up, kSilu, "intro2llm::swiglu_bwd");
-}
-
-at::Tensor geglu_fwd_cpu(const at::Tensor& gate, const at::Tensor& up, c10::string_view approximate) {
-  const char* op = "intro2llm::geglu_fwd";
-  return glu_fwd_cpu(gate, up, parse_act(approximate, op), op);
-}
-
-std::tuple<at::Tensor, at::Tensor> geglu_bwd_cpu(const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& up,
-                                                 c10::string_view approximate) {
-  const char* op = "intro2llm::geglu_bwd";
-  return glu_bwd_cpu(grad, gate, up, parse_act(approximate, op), op);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(intro2llm, CPU, m) {
-  m.impl("swiglu_fwd", &swiglu_fwd_cpu);
-  m.impl("swiglu_bwd", &swiglu_bwd_cpu);
-  m.impl("geglu_fwd", &geglu_fwd_cpu);
-  m.impl("geglu_bwd", &geglu_bwd_cpu);
-}
+TORCH_LIBRARY_IMPL(intro2llm, CPU, m) { impl_glu<Act, glu_fwd_cpu, glu_bwd_cpu>(m); }
 
 }  // namespace intro2llm

@@ -96,9 +96,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_bwd_cuda(at::Tensor& logits
 }  // namespace
 
 TORCH_LIBRARY_IMPL(intro2llm, CUDA, m) {
-  m.impl("cross_entropy_fwd", &cross_entropy_fwd_cuda);
-  m.impl("cross_entropy_bwd", &cross_entropy_bwd_cuda);
-  m.impl("cross_entropy_fwd_bwd_", &cross_entropy_fwd_bwd_cuda);
+  impl_cross_entropy<cross_entropy_fwd_cuda, cross_entropy_bwd_cuda, cross_entropy_fwd_bwd_cuda>(m);
 }
 
 }  // namespace intro2llm

@@ -91,8 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(intro2llm, CUDA, m) {
-  m.impl("flash_attention_fwd", &flash_attention_fwd_cuda);
-  m.impl("flash_attention_bwd", &flash_attention_bwd_cuda);
+  impl_flash_attention<flash_attention_fwd_cuda, flash_attention_bwd_cuda>(m);
 }
 
 }  // namespace intro2llm

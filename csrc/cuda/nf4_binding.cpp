@@ -117,9 +117,7 @@ at::Tensor nf4_matmul_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& packe
 }  // namespace
 
 TORCH_LIBRARY_IMPL(intro2llm, CUDA, m) {
-  m.impl("nf4_dequantize", &nf4_dequantize_cuda);
-  m.impl("nf4_matmul_fwd", &nf4_matmul_fwd_cuda);
-  m.impl("nf4_matmul_bwd", &nf4_matmul_bwd_cuda);
+  impl_nf4<nf4_dequantize_cuda, nf4_matmul_fwd_cuda, nf4_matmul_bwd_cuda>(m);
 }
 
 }  // namespace intro2llm

@@ -63,9 +63,6 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& grad_y, c
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(intro2llm, CUDA, m) {
-  m.impl("rms_norm_fwd", &rms_norm_fwd_cuda);
-  m.impl("rms_norm_bwd", &rms_norm_bwd_cuda);
-}
+TORCH_LIBRARY_IMPL(intro2llm, CUDA, m) { impl_rms_norm<rms_norm_fwd_cuda, rms_norm_bwd_cuda>(m); }
 
 }  // namespace intro2llm

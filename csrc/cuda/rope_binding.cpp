@@ -38,21 +38,8 @@ std::tuple<at::Tensor, at::Tensor> rope_cuda(const at::Tensor& q_in, const at::T
   return {q_out, k_out};
 }
 
-std::tuple<at::Tensor, at::Tensor> apply_rope_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                       const at::Tensor& cos, const at::Tensor& sin) {
-  return rope_cuda(q, k, cos, sin, /*backward=*/false, "intro2llm::apply_rope_fwd");
-}
-
-std::tuple<at::Tensor, at::Tensor> apply_rope_bwd_cuda(const at::Tensor& grad_q, const at::Tensor& grad_k,
-                                                       const at::Tensor& cos, const at::Tensor& sin) {
-  return rope_cuda(grad_q, grad_k, cos, sin, /*backward=*/true, "intro2llm::apply_rope_bwd");
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(intro2llm, CUDA, m) {
-  m.impl("apply_rope_fwd", &apply_rope_fwd_cuda);
-  m.impl("apply_rope_bwd", &apply_rope_bwd_cuda);
-}
+TORCH_LIBRARY_IMPL(intro2llm, CUDA, m) { impl_rope<rope_cuda>(m); }
 
 }  // namespace intro2llm

@@ -20,10 +20,6 @@ cuda::DType check_pair(const at::Tensor& gate, const at::Tensor& up, const char*
   return cuda::dtype_code(gate, op, "gate");
 }
 
-cuda::GluAct parse_act(c10::string_view approximate, const char* op) {
-  return geglu_uses_tanh(approximate, op) ? cuda::GluAct::kGeluTanh : cuda::GluAct::kGelu;
-}
-
 at::Tensor glu_fwd_cuda(const at::Tensor& gate, const at::Tensor& up, cuda::GluAct act, const char* op) {
   const auto dtype = check_pair(gate, up, op);
   const c10::cuda::CUDAGuard guard(gate.device());
@@ -48,33 +44,8 @@ std::tuple<at::Tensor, at::Tensor> glu_bwd_cuda(const at::Tensor& grad, const at
   return {dg, du};
 }
 
-at::Tensor swiglu_fwd_cuda(const at::Tensor& gate, const at::Tensor& up) {
-  return glu_fwd_cuda(gate, up, cuda::GluAct::kSilu, "intro2llm::swiglu_fwd");
-}
-
-std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cuda(const at::Tensor& grad, const at::Tensor& gate,
-                                                   const at::Tensor& up) {
-  return glu_bwd_cuda(grad, gate, up, cuda::GluAct::kSilu, "intro2llm::swiglu_bwd");
-}
-
-at::Tensor geglu_fwd_cuda(const at::Tensor& gate, const at::Tensor& up, c10::string_view approximate) {
-  const char* op = "intro2llm::geglu_fwd";
-  return glu_fwd_cuda(gate, up, parse_act(approximate, op), op);
-}
-
-std::tuple<at::Tensor, at::Tensor> geglu_bwd_cuda(const at::Tensor& grad, const at::Tensor& gate,
-                                                  const at::Tensor& up, c10::string_view approximate) {
-  const char* op = "intro2llm::geglu_bwd";
-  return glu_bwd_cuda(grad, gate, up, parse_act(approximate, op), op);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(intro2llm, CUDA, m) {
-  m.impl("swiglu_fwd", &swiglu_fwd_cuda);
-  m.impl("swiglu_bwd", &swiglu_bwd_cuda);
-  m.impl("geglu_fwd", &geglu_fwd_cuda);
-  m.impl("geglu_bwd", &geglu_bwd_cuda);
-}
+TORCH_LIBRARY_IMPL(intro2llm, CUDA, m) { impl_glu<cuda::GluAct, glu_fwd_cuda, glu_bwd_cuda>(m); }
 
 }  // namespace intro2llm
