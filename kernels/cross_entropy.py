@@ -68,17 +68,12 @@ def _cross_entropy_fwd_kernel(
 @triton.jit
 def _cross_entropy_bwd_kernel(
     g_ptr,  # (N,) fp32 upstream gradient per row
-    x_ptr,  # (N, V) logits
-    t_ptr,  # (N,) int64 targets
+    x_ptr, t_ptr,  # logits and targets, as in _cross_entropy_fwd_kernel
     lse_ptr,  # (N,) fp32 from the forward
     dx_ptr,  # (N, V) out: gradient in the logits' dtype; may alias x_ptr
-    V,  # vocabulary size
-    stride_x,  # elements between rows of x
+    V, stride_x,  # as in _cross_entropy_fwd_kernel
     stride_dx,  # elements between rows of dx
-    ignore_index,  # target value that marks a row to skip
-    eps,  # label smoothing ε
-    z,  # z-loss coefficient
-    BLOCK_V: tl.constexpr,  # vocabulary tile (power of two)
+    ignore_index, eps, z, BLOCK_V: tl.constexpr,  # as in _cross_entropy_fwd_kernel
 ):
     # pid → (row, vocabulary tile)
     row = tl.program_id(0).to(tl.int64)

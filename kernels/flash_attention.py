@@ -73,6 +73,39 @@ def _key_range(
     return lo, hi
 
 
+@triton.jit
+def _row_offsets(base, pos, offs_d, HEAD_DIM: tl.constexpr):
+    # int64 element offsets (len(pos), HEAD_DIM) of rows ``pos`` of the head whose first element is at ``base``
+    return base + pos[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
+
+
+@triton.jit
+def _load_rows(ptr, offs, ok):
+    # the rows at ``offs`` where ``ok`` (one flag per row) upcast to fp32, zeros elsewhere
+    return tl.load(ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_lse_delta(lse_ptr, delta_ptr, offs, ok):
+    # the forward's log-sum-exp and Δ = rowsum(O ∘ dO) of rows ``offs``; rows past Tq or that saw no key get
+    # lse = +inf, so that their recomputed P is 0
+    lse = tl.load(lse_ptr + offs, mask=ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    return lse, tl.load(delta_ptr + offs, mask=ok, other=0.0)
+
+
+@triton.jit
+def _bwd_tile(q_dot, k_dot, v_dot, do_dot, lse, delta, q_pos, k_pos, kpm_row, Tk, scale, WINDOW,
+              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, PRECISION: tl.constexpr):
+    # one (query rows x keys) tile of the backward: P recomputed from the saved lse, dP = dO Vᵀ,
+    # dS = P ∘ (dP − Δ) · scale; returns (P, dS)
+    s = tl.dot(q_dot, tl.trans(k_dot), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N)
+    keep = _keep_mask(q_pos, k_pos, kpm_row, Tk, WINDOW, CAUSAL, HAS_WINDOW, HAS_KPM)
+    p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
+    dp = tl.dot(do_dot, tl.trans(v_dot), input_precision=PRECISION)
+    return p, p * (dp - delta[:, None]) * scale
+
+
 @lesson_task(15)  # course mode: blanked with --include-kernels
 @triton.jit
 def _flash_attention_fwd_kernel(
@@ -113,8 +146,8 @@ def _flash_attention_fwd_kernel(
     row_ok = offs_m < Tq
     q_pos = offs_m + offset
     # load the resident Q block, upcast
-    q_offs = q_base + offs_m[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
-    q = tl.load(q_ptr + q_offs, mask=row_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK_M, D)
+    q_offs = _row_offsets(q_base, offs_m, offs_d, HEAD_DIM)
+    q = _load_rows(q_ptr, q_offs, row_ok)  # (BLOCK_M, D)
     dt = q_ptr.dtype.element_ty
     q_dot = q.to(dt)  # matmul operand in the input dtype (tensor cores on GPU); the fp32 copy dies here
     # the key range the mask leaves visible to this block
@@ -125,9 +158,9 @@ def _flash_attention_fwd_kernel(
     kpm_row = kpm_ptr + b.to(tl.int64) * Tk
     for start_n in range(lo, hi, BLOCK_N):
         k_pos = start_n + offs_n
-        kv_offs = kv_base + k_pos[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
-        k = tl.load(k_ptr + kv_offs, mask=(k_pos < Tk)[:, None], other=0.0).to(tl.float32)  # (BLOCK_N, D)
-        v = tl.load(v_ptr + kv_offs, mask=(k_pos < Tk)[:, None], other=0.0).to(tl.float32)  # (BLOCK_N, D)
+        kv_offs = _row_offsets(kv_base, k_pos, offs_d, HEAD_DIM)
+        k = _load_rows(k_ptr, kv_offs, k_pos < Tk)  # (BLOCK_N, D)
+        v = _load_rows(v_ptr, kv_offs, k_pos < Tk)
         # scores, masked
         s = tl.dot(q_dot, tl.trans(k.to(dt)), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N)
         keep = _keep_mask(q_pos, k_pos, kpm_row, Tk, WINDOW, CAUSAL, HAS_WINDOW, HAS_KPM)
@@ -161,33 +194,20 @@ def _bwd_preprocess_kernel(
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     ok = rows < n_rows
-    offs = rows[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
-    o = tl.load(o_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
-    tl.store(delta_ptr + rows, tl.sum(o * do, axis=1), mask=ok)
+    offs = _row_offsets(0, rows, offs_d, HEAD_DIM)
+    tl.store(delta_ptr + rows, tl.sum(_load_rows(o_ptr, offs, ok) * _load_rows(do_ptr, offs, ok), axis=1), mask=ok)
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    q_ptr,  # (B, H, Tq, D)
-    k_ptr,  # (B, Hkv, Tk, D)
-    v_ptr,  # (B, Hkv, Tk, D)
-    kpm_ptr,  # (B, Tk) int8 (dummy when not HAS_KPM)
+    q_ptr, k_ptr, v_ptr, kpm_ptr,  # as in _flash_attention_fwd_kernel
     do_ptr,  # (B, H, Tq, D) upstream gradient
     lse_ptr,  # (B, H, Tq) fp32 from the forward
     delta_ptr,  # (B, H, Tq) fp32 rowsum(O ∘ dO)
     dk_ptr,  # (B, Hkv, Tk, D) output, dtype of k
     dv_ptr,  # (B, Hkv, Tk, D) output, dtype of v
-    H,  # query heads
-    GROUP,  # query heads per kv head
-    Tq,  # query length
-    Tk,  # key length
-    scale,  # softmax scale
-    WINDOW,  # window size (used if HAS_WINDOW)
-    CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    HAS_KPM: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
+    H, GROUP, Tq, Tk, scale, WINDOW,  # as in _flash_attention_fwd_kernel
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per inner step
     BLOCK_N: tl.constexpr,  # keys per program
     PRECISION: tl.constexpr,
@@ -204,12 +224,11 @@ def _bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_mb = tl.arange(0, BLOCK_M)
-    kv_offs = pid_bhk.to(tl.int64) * Tk * HEAD_DIM + offs_n[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
+    kv_offs = _row_offsets(pid_bhk.to(tl.int64) * Tk * HEAD_DIM, offs_n, offs_d, HEAD_DIM)
     key_ok = offs_n < Tk
-    # load the resident K/V block
-    k = tl.load(k_ptr + kv_offs, mask=key_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK_N, D)
-    v = tl.load(v_ptr + kv_offs, mask=key_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK_N, D)
-    k_dot, v_dot = k.to(dt), v.to(dt)
+    # the resident K/V block (BLOCK_N, D), as matmul operands
+    k_dot = _load_rows(k_ptr, kv_offs, key_ok).to(dt)
+    v_dot = _load_rows(v_ptr, kv_offs, key_ok).to(dt)
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     # query rows that see at least one of these keys
@@ -230,22 +249,14 @@ def _bwd_dkdv_kernel(
         for start_m in range(q_lo, q_hi, BLOCK_M):
             offs_m = start_m + offs_mb
             row_ok = offs_m < Tq
-            q_offs = q_base + offs_m[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
-            q = tl.load(q_ptr + q_offs, mask=row_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK_M, D)
-            do = tl.load(do_ptr + q_offs, mask=row_ok[:, None], other=0.0).to(tl.float32)  # (BLOCK_M, D)
-            # rows past Tq or that saw no key: lse = +inf makes p = 0
-            lse = tl.load(lse_ptr + r_base + offs_m, mask=row_ok, other=float("inf"))
-            lse = tl.where(lse == float("-inf"), float("inf"), lse)
-            delta = tl.load(delta_ptr + r_base + offs_m, mask=row_ok, other=0.0)
-            # recompute P
-            q_dot, do_dot = q.to(dt), do.to(dt)
-            s = tl.dot(q_dot, tl.trans(k_dot), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N)
-            keep = _keep_mask(offs_m + offset, offs_n, kpm_row, Tk, WINDOW, CAUSAL, HAS_WINDOW, HAS_KPM)
-            p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
-            # dV += Pᵀ dO;  dP = dO Vᵀ;  dS = P ∘ (dP − Δ) · scale;  dK += dSᵀ Q
+            q_offs = _row_offsets(q_base, offs_m, offs_d, HEAD_DIM)
+            q_dot = _load_rows(q_ptr, q_offs, row_ok).to(dt)  # (BLOCK_M, D)
+            do_dot = _load_rows(do_ptr, q_offs, row_ok).to(dt)
+            lse, delta = _load_lse_delta(lse_ptr, delta_ptr, r_base + offs_m, row_ok)
+            p, ds = _bwd_tile(q_dot, k_dot, v_dot, do_dot, lse, delta, offs_m + offset, offs_n, kpm_row, Tk, scale,
+                              WINDOW, CAUSAL, HAS_WINDOW, HAS_KPM, PRECISION)
+            # dV += Pᵀ dO;  dK += dSᵀ Q
             dv += tl.dot(tl.trans(p.to(dt)), do_dot, input_precision=PRECISION)
-            dp = tl.dot(do_dot, tl.trans(v_dot), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None]) * scale
             dk += tl.dot(tl.trans(ds.to(dt)), q_dot, input_precision=PRECISION)
     tl.store(dk_ptr + kv_offs, dk.to(dk_ptr.dtype.element_ty), mask=key_ok[:, None])
     tl.store(dv_ptr + kv_offs, dv.to(dv_ptr.dtype.element_ty), mask=key_ok[:, None])
@@ -253,24 +264,10 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    q_ptr,  # (B, H, Tq, D)
-    k_ptr,  # (B, Hkv, Tk, D)
-    v_ptr,  # (B, Hkv, Tk, D)
-    kpm_ptr,  # (B, Tk) int8 (dummy when not HAS_KPM)
-    do_ptr,  # (B, H, Tq, D)
-    lse_ptr,  # (B, H, Tq) fp32
-    delta_ptr,  # (B, H, Tq) fp32
+    q_ptr, k_ptr, v_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr,  # as in _bwd_dkdv_kernel
     dq_ptr,  # (B, H, Tq, D) output, dtype of q
-    H,  # query heads
-    GROUP,  # query heads per kv head
-    Tq,  # query length
-    Tk,  # key length
-    scale,  # softmax scale
-    WINDOW,  # window size (used if HAS_WINDOW)
-    CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    HAS_KPM: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
+    H, GROUP, Tq, Tk, scale, WINDOW,  # as in _flash_attention_fwd_kernel
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per inner step
     PRECISION: tl.constexpr,
@@ -287,28 +284,21 @@ def _bwd_dq_kernel(
     offs_nb = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < Tq
-    q_offs = pid_bh.to(tl.int64) * Tq * HEAD_DIM + offs_m[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
+    q_offs = _row_offsets(pid_bh.to(tl.int64) * Tq * HEAD_DIM, offs_m, offs_d, HEAD_DIM)
     kv_base = (b * Hkv + h // GROUP).to(tl.int64) * Tk * HEAD_DIM
-    q = tl.load(q_ptr + q_offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + q_offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    q_dot, do_dot = q.to(dt), do.to(dt)
-    lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
+    q_dot = _load_rows(q_ptr, q_offs, row_ok).to(dt)
+    do_dot = _load_rows(do_ptr, q_offs, row_ok).to(dt)
+    lse, delta = _load_lse_delta(lse_ptr, delta_ptr, pid_bh.to(tl.int64) * Tq + offs_m, row_ok)
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     lo, hi = _key_range(pid_m, offset, Tk, WINDOW, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     kpm_row = kpm_ptr + b.to(tl.int64) * Tk
     for start_n in range(lo, hi, BLOCK_N):
         k_pos = start_n + offs_nb
-        kv_offs = kv_base + k_pos[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
-        k = tl.load(k_ptr + kv_offs, mask=(k_pos < Tk)[:, None], other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + kv_offs, mask=(k_pos < Tk)[:, None], other=0.0).to(tl.float32)
-        k_dot = k.to(dt)
-        s = tl.dot(q_dot, tl.trans(k_dot), input_precision=PRECISION) * scale
-        keep = _keep_mask(offs_m + offset, k_pos, kpm_row, Tk, WINDOW, CAUSAL, HAS_WINDOW, HAS_KPM)
-        p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.dot(do_dot, tl.trans(v.to(dt)), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None]) * scale
+        kv_offs = _row_offsets(kv_base, k_pos, offs_d, HEAD_DIM)
+        k_dot = _load_rows(k_ptr, kv_offs, k_pos < Tk).to(dt)
+        v_dot = _load_rows(v_ptr, kv_offs, k_pos < Tk).to(dt)
+        _, ds = _bwd_tile(q_dot, k_dot, v_dot, do_dot, lse, delta, offs_m + offset, k_pos, kpm_row, Tk, scale, WINDOW,
+                          CAUSAL, HAS_WINDOW, HAS_KPM, PRECISION)
         dq += tl.dot(ds.to(dt), k_dot, input_precision=PRECISION)
     tl.store(dq_ptr + q_offs, dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
 
@@ -339,12 +329,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def flash_attention_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    causal: bool,
-    window: int,
-    scale: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int, scale: float,
     key_padding_mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, H, Tq, D), k/v (B, Hkv, Tk, D) contiguous → out (B, H, Tq, D), lse (B, H, Tq) fp32. window <= 0: none."""
@@ -368,16 +353,8 @@ def flash_attention_fwd(
 
 
 def flash_attention_bwd(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    causal: bool,
-    window: int,
-    scale: float,
-    key_padding_mask: torch.Tensor | None,
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    causal: bool, window: int, scale: float, key_padding_mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of ``flash_attention_fwd``; all inputs contiguous, grad_out in q's dtype."""
     B, H, Tq, D = q.shape

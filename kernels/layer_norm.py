@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from intro2llm.kernels.rms_norm import _blocks
+from intro2llm.kernels.rms_norm import _blocks, _bwd_programs
+from intro2llm.kernels.tiles import load_f32, row_tile
 
 
 @triton.jit
@@ -28,24 +29,20 @@ def _layer_norm_fwd_kernel(
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_N: tl.constexpr,  # power of two ≥ N
 ):
-    # pid → rows; offsets (int64); mask
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    # pid → rows; masks and offsets; load, upcast
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    row_ok = rows < M
     col_ok = cols < N
-    mask = row_ok[:, None] & col_ok[None, :]
-    offs = rows[:, None].to(tl.int64) * N + cols[None, :]
-    # load, upcast
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    row_ok, mask, offs = row_tile(rows, M, cols, col_ok, N)
+    x = load_f32(x_ptr, offs, mask)
+    w = load_f32(w_ptr, cols, col_ok)
     # compute: two-pass statistics on the resident row (no E[x^2] - E[x]^2 cancellation)
     mean = tl.sum(x, axis=1) / N
     xc = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
     y = xc * rstd[:, None] * w[None, :]
     if HAS_BIAS:
-        y += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        y += load_f32(b_ptr, cols, col_ok)[None, :]
     # store
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + rows, mean, mask=row_ok)
@@ -71,18 +68,16 @@ def _layer_norm_bwd_kernel(
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    w = load_f32(w_ptr, cols, col_ok)
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     for r0 in range(row_start, row_end, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < row_end
-        mask = row_ok[:, None] & col_ok[None, :]
-        offs = rows[:, None].to(tl.int64) * N + cols[None, :]
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        row_ok, mask, offs = row_tile(rows, row_end, cols, col_ok, N)
+        g = load_f32(g_ptr, offs, mask)
+        x = load_f32(x_ptr, offs, mask)
         mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
         # dx = rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat))
@@ -122,8 +117,7 @@ def layer_norm_bwd(
     N = x.shape[-1]
     M = x.numel() // N
     block_m, block_n = _blocks(M, N)
-    programs = torch.cuda.get_device_properties(x.device).multi_processor_count * 4 if x.is_cuda else 4
-    programs = max(1, min(programs, triton.cdiv(M, block_m)))
+    programs = _bwd_programs(x, M, block_m)
     dx = torch.empty_like(x)
     dw = torch.empty((programs, N), device=x.device, dtype=torch.float32)
     db = torch.empty_like(dw)

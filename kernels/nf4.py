@@ -52,6 +52,13 @@ def _load_tile(ptr, rows, cols, R, C):
 
 
 @triton.jit
+def _store_tile(ptr, rows, cols, R, C, tile):
+    # writes ``tile`` at (rows, cols) of a row-major (R, C) matrix in its dtype, skipping what falls outside it
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    tl.store(ptr + rows[:, None].to(tl.int64) * C + cols[None, :], tile.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _dot_add(acc, a, b, out_ptr, DOT_FP32: tl.constexpr):
     # acc + a @ b: fp32 inputs multiply as IEEE fp32 (no TF32), others in the output's dtype; fp32 accumulation
     if DOT_FP32:
@@ -95,26 +102,17 @@ def _nf4_matmul_fwd_kernel(
         acc = _dot_add(acc, x, tl.trans(w), y_ptr, DOT_FP32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows_n, mask=rows_n < N, other=0.0).to(tl.float32)[None, :]
-    # store
-    y_mask = (rows_m[:, None] < M) & (rows_n[None, :] < N)
-    tl.store(y_ptr + rows_m[:, None].to(tl.int64) * N + rows_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    _store_tile(y_ptr, rows_m, rows_n, M, N, acc)
 
 
 @triton.jit
 def _nf4_matmul_bwd_kernel(
     g_ptr,  # (M, N) upstream gradient, contiguous
-    packed_ptr,  # W's NF4 codes
-    absmax_ptr,  # W's fp32 scales
-    code_ptr,  # (16,) fp32 NF4 values
+    packed_ptr, absmax_ptr, code_ptr,  # W, as in _nf4_matmul_fwd_kernel
     dx_ptr,  # (M, K) output, dtype of g
-    M,  # tokens
-    N,  # rows of W
-    K,  # columns of W
-    BLOCKSIZE: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    M, N, K,  # tokens, rows of W, columns of W
+    BLOCKSIZE: tl.constexpr, DOT_FP32: tl.constexpr,  # as in _nf4_matmul_fwd_kernel
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # pid → which (BLOCK_M, BLOCK_K) tile of dx
     pid_m = tl.program_id(0)
@@ -127,8 +125,7 @@ def _nf4_matmul_bwd_kernel(
         g = _load_tile(g_ptr, rows_m, rows_n, M, N)  # (BLOCK_M, BLOCK_N)
         w = _decode_tile(packed_ptr, absmax_ptr, code_ptr, rows_n, cols, N, K, BLOCKSIZE)  # (BLOCK_N, BLOCK_K)
         acc = _dot_add(acc, g, w, dx_ptr, DOT_FP32)
-    mask = (rows_m[:, None] < M) & (cols[None, :] < K)
-    tl.store(dx_ptr + rows_m[:, None].to(tl.int64) * K + cols[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mask)
+    _store_tile(dx_ptr, rows_m, cols, M, K, acc)
 
 
 _CODES: dict[torch.device, torch.Tensor] = {}

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from intro2llm.course import lesson_task
+from intro2llm.kernels.tiles import load_f32, row_tile
 
 MAX_FUSED_N = 65536
 
@@ -31,19 +32,14 @@ def _rms_norm_fwd_kernel(
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_N: tl.constexpr,  # power of two ≥ N
 ):
-    # pid → which rows
-    pid = tl.program_id(0)
-    # offsets (int64: M*N may pass 2^31)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    # pid → which rows; their masks and offsets
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    offs = rows[:, None].to(tl.int64) * N + cols[None, :]
-    # mask the ragged edges
-    row_ok = rows < M
     col_ok = cols < N
-    mask = row_ok[:, None] & col_ok[None, :]
-    # load, upcast to fp32 at once
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    row_ok, mask, offs = row_tile(rows, M, cols, col_ok, N)
+    # load, upcast
+    x = load_f32(x_ptr, offs, mask)
+    w = load_f32(w_ptr, cols, col_ok)
     # compute the row statistic and the output
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)  # (BLOCK_M,)
     y = x * rstd[:, None] * w[None, :]
@@ -70,19 +66,16 @@ def _rms_norm_bwd_kernel(
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    w = load_f32(w_ptr, cols, col_ok)
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     for r0 in range(row_start, row_end, BLOCK_M):
-        # offsets and mask of this step's rows
+        # this step's rows: masks and offsets; load, upcast
         rows = r0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < row_end
-        mask = row_ok[:, None] & col_ok[None, :]
-        offs = rows[:, None].to(tl.int64) * N + cols[None, :]
-        # load, upcast
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        row_ok, mask, offs = row_tile(rows, row_end, cols, col_ok, N)
+        g = load_f32(g_ptr, offs, mask)
+        x = load_f32(x_ptr, offs, mask)
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
         # dx = r*(g*w) - x * r^3 * mean(g*w*x);  dw += g * x * r
         wg = g * w[None, :]
@@ -101,6 +94,13 @@ def _blocks(M: int, N: int) -> tuple[int, int]:
     # ~4K elements per program keeps registers in check on GPU and the interpreter's program count low on CPU
     block_m = max(1, min(triton.next_power_of_2(M), 4096 // block_n))
     return block_m, block_n
+
+
+def _bwd_programs(x: torch.Tensor, M: int, block_m: int) -> int:
+    # programs of a backward that sums one partial weight-gradient row per program: 4 per SM on GPU; in the
+    # interpreter few programs, each looping over many rows
+    programs = torch.cuda.get_device_properties(x.device).multi_processor_count * 4 if x.is_cuda else 4
+    return max(1, min(programs, triton.cdiv(M, block_m)))
 
 
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,11 +122,7 @@ def rms_norm_bwd(
     N = x.shape[-1]
     M = x.numel() // N
     block_m, block_n = _blocks(M, N)
-    if x.is_cuda:
-        programs = torch.cuda.get_device_properties(x.device).multi_processor_count * 4
-    else:
-        programs = 4  # interpreter: few programs, each looping over many rows
-    programs = max(1, min(programs, triton.cdiv(M, block_m)))
+    programs = _bwd_programs(x, M, block_m)
     rows_per_program = triton.cdiv(M, programs)
     dx = torch.empty_like(x)
     dw_partial = torch.empty((programs, N), device=x.device, dtype=torch.float32)

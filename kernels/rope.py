@@ -25,6 +25,28 @@ MAX_HEADS = 256
 MAX_HEAD_DIM = 1024
 
 
+@triton.jit
+def _rotate_heads(
+    x_ptr, o_ptr,  # (B, NH, T, D) input with unit stride on D; contiguous output
+    b, t, sxb, sxh, sxt,  # the (batch, position) to rotate; x's strides over batch, heads, positions
+    NH, T,  # heads, sequence length
+    c1, c2, sa, sb,  # (BLOCK_D,) fp32 cos of both halves and the signed sines
+    d, d_ok,  # (BLOCK_D,) offsets in a half row and their mask
+    HALF: tl.constexpr, BLOCK: tl.constexpr,  # D // 2; power of two >= NH
+):
+    # load the (BLOCK, BLOCK_D) halves of every head at (b, t), upcast, rotate, store in o's dtype
+    h = tl.arange(0, BLOCK)
+    mask = (h < NH)[:, None] & d_ok[None, :]
+    src = b * sxb + t * sxt + h[:, None].to(tl.int64) * sxh + d[None, :]
+    x1 = tl.load(x_ptr + src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + src + HALF, mask=mask, other=0.0).to(tl.float32)
+    o1 = x1 * c1[None, :] - x2 * sa[None, :]
+    o2 = x2 * c2[None, :] + x1 * sb[None, :]
+    dst = ((b * NH + h[:, None]) * T + t) * (2 * HALF) + d[None, :]
+    tl.store(o_ptr + dst, o1.to(o_ptr.dtype.element_ty), mask=mask)
+    tl.store(o_ptr + dst + HALF, o2.to(o_ptr.dtype.element_ty), mask=mask)
+
+
 @lesson_task(1)  # course mode: blanked with --include-kernels
 @triton.jit
 def _rope_kernel(
@@ -71,29 +93,9 @@ def _rope_kernel(
         sa = s1
         sb = s2
 
-    # query heads: load (BLOCK_H, BLOCK_D) halves, rotate, store
-    h = tl.arange(0, BLOCK_H)
-    mask = (h < H)[:, None] & d_ok[None, :]
-    src = b * sqb + t * sqt + h[:, None].to(tl.int64) * sqh + d[None, :]
-    x1 = tl.load(q_ptr + src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(q_ptr + src + HALF, mask=mask, other=0.0).to(tl.float32)
-    o1 = x1 * c1[None, :] - x2 * sa[None, :]
-    o2 = x2 * c2[None, :] + x1 * sb[None, :]
-    dst = ((b * H + h[:, None]) * T + t) * D + d[None, :]
-    tl.store(qo_ptr + dst, o1.to(qo_ptr.dtype.element_ty), mask=mask)
-    tl.store(qo_ptr + dst + HALF, o2.to(qo_ptr.dtype.element_ty), mask=mask)
-
-    # key heads: the same with k's strides and head count
-    hk = tl.arange(0, BLOCK_HKV)
-    mask_k = (hk < HKV)[:, None] & d_ok[None, :]
-    src_k = b * skb + t * skt + hk[:, None].to(tl.int64) * skh + d[None, :]
-    y1 = tl.load(k_ptr + src_k, mask=mask_k, other=0.0).to(tl.float32)
-    y2 = tl.load(k_ptr + src_k + HALF, mask=mask_k, other=0.0).to(tl.float32)
-    p1 = y1 * c1[None, :] - y2 * sa[None, :]
-    p2 = y2 * c2[None, :] + y1 * sb[None, :]
-    dst_k = ((b * HKV + hk[:, None]) * T + t) * D + d[None, :]
-    tl.store(ko_ptr + dst_k, p1.to(ko_ptr.dtype.element_ty), mask=mask_k)
-    tl.store(ko_ptr + dst_k + HALF, p2.to(ko_ptr.dtype.element_ty), mask=mask_k)
+    # query heads, then key heads (their own strides and head count): rotate the (heads, BLOCK_D) halves
+    _rotate_heads(q_ptr, qo_ptr, b, t, sqb, sqh, sqt, H, T, c1, c2, sa, sb, d, d_ok, HALF, BLOCK_H)
+    _rotate_heads(k_ptr, ko_ptr, b, t, skb, skh, skt, HKV, T, c1, c2, sa, sb, d, d_ok, HALF, BLOCK_HKV)
 
 
 def rope_fwd(

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from intro2llm.course import lesson_task
+from intro2llm.kernels.tiles import block_offsets, load_f32
 
 ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 
@@ -63,15 +64,9 @@ def _glu_fwd_kernel(
     ACT: tl.constexpr,  # 0 silu, 1 gelu (erf), 2 gelu (tanh)
     BLOCK: tl.constexpr,  # elements per program
 ):
-    # pid → offsets (int64: N may pass 2^31) → mask
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    # load, upcast
-    x = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    # compute
-    y = _act(x, ACT) * u
+    # pid → offsets → mask; load, upcast; compute
+    offs, mask = block_offsets(N, BLOCK)
+    y = _act(load_f32(g_ptr, offs, mask), ACT) * load_f32(u_ptr, offs, mask)
     # store
     tl.store(o_ptr + offs, y.to(o_ptr.dtype.element_ty), mask=mask)
 
@@ -79,24 +74,15 @@ def _glu_fwd_kernel(
 @triton.jit
 def _glu_bwd_kernel(
     dy_ptr,  # (N,) upstream gradient
-    g_ptr,  # (N,) gate
-    u_ptr,  # (N,) up
-    dg_ptr,  # (N,) output d gate
-    du_ptr,  # (N,) output d up
-    N,  # number of elements
-    ACT: tl.constexpr,  # 0 silu, 1 gelu (erf), 2 gelu (tanh)
-    BLOCK: tl.constexpr,  # elements per program
+    g_ptr, u_ptr,  # (N,) gate and up
+    dg_ptr, du_ptr,  # (N,) outputs d gate, d up
+    N, ACT: tl.constexpr, BLOCK: tl.constexpr,  # as in _glu_fwd_kernel
 ):
-    # pid → offsets → mask
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    # load, upcast
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    # compute: recompute act(x), then both gradients
-    a, da = _act_and_grad(x, ACT)
+    offs, mask = block_offsets(N, BLOCK)
+    dy = load_f32(dy_ptr, offs, mask)
+    u = load_f32(u_ptr, offs, mask)
+    # compute: recompute act(gate), then both gradients
+    a, da = _act_and_grad(load_f32(g_ptr, offs, mask), ACT)
     # store
     tl.store(dg_ptr + offs, (dy * u * da).to(dg_ptr.dtype.element_ty), mask=mask)
     tl.store(du_ptr + offs, (dy * a).to(du_ptr.dtype.element_ty), mask=mask)

@@ -141,14 +141,8 @@ def naive_attention(
 
 
 def flash_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    causal: bool = True,
-    window: int | None = None,
-    scale: float | None = None,
-    key_padding_mask: torch.Tensor | None = None,
-    segment_ids: torch.Tensor | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, window: int | None = None,
+    scale: float | None = None, key_padding_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Naive attention (``naive_attention``) under ``attention_mask``: q (B, H, Tq, D), k/v (B, Hkv, Tk, D) →
     (B, H, Tq, D) in q's dtype, with the (B, H, Tq, Tk) scores materialized in fp32."""
@@ -157,15 +151,8 @@ def flash_attention_reference(
 
 
 def flash_attention_tiled_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    causal: bool = True,
-    window: int | None = None,
-    scale: float | None = None,
-    key_padding_mask: torch.Tensor | None = None,
-    block_q: int = 64,
-    block_k: int = 64,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, window: int | None = None,
+    scale: float | None = None, key_padding_mask: torch.Tensor | None = None, block_q: int = 64, block_k: int = 64,
     segment_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The lesson's algorithm in readable PyTorch: tiles of Q stay put, tiles of K/V stream past, and an online
