@@ -138,7 +138,7 @@ def test_loading_refuses_pickled_code(tmp_path):
     bad = path / ck.TRAINER_FILE
     torch.save({"step": 1, "x": Evil()}, bad)
     meta = json.loads((path / ck.META_FILE).read_text())  # make the checksum agree, so only weights_only stops it
-    meta["files"][ck.TRAINER_FILE] = {"bytes": bad.stat().st_size, "sha256": ck._sha256(bad)}
+    meta["files"][ck.TRAINER_FILE] = {"bytes": bad.stat().st_size, "sha256": ck.file_sha256(bad)}
     (path / ck.META_FILE).write_text(json.dumps(meta))
     with pytest.raises(ck.CheckpointError, match="trainer.pt could not be read"):
         ck.load_checkpoint(path)
@@ -196,7 +196,7 @@ def test_optimizer_file_always_written_and_trainer_step_checked(tmp_path):
     bad = path / ck.TRAINER_FILE
     torch.save({"step": 4, "x": 1}, bad)
     _rewrite_meta(path, lambda m: m["files"].update({ck.TRAINER_FILE: {"bytes": bad.stat().st_size,
-                                                                        "sha256": ck._sha256(bad)}}))
+                                                                        "sha256": ck.file_sha256(bad)}}))
     with pytest.raises(ck.CheckpointError, match="trainer.pt does not match meta.json: step 4, expected 3"):
         ck.load_checkpoint(path)
     with pytest.raises(ValueError, match="step must be an int"):

@@ -89,10 +89,10 @@ def test_bad_samples(problems, tmp_path):
                              {"task_id": "HumanEval/1", "completion": ""}], problems=problems)
     f = tmp_path / "s.jsonl"
     f.write_text('{"task_id": "HumanEval/0", "completion": "x"}\n{broken\n')
-    with pytest.raises(ValueError, match=r"s\.jsonl, line 2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"s\.jsonl:2: not valid JSON"):
         he.read_samples(f)
     f.write_text('{"task_id": "HumanEval/0"}\n')
-    with pytest.raises(ValueError, match="line 1: expected an object"):
+    with pytest.raises(ValueError, match=r"s\.jsonl:1: expected an object"):
         he.read_samples(f)
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         he.read_samples(tmp_path / "missing.jsonl")

@@ -82,23 +82,15 @@ def truncate_completion(text: str, stop: Sequence[str] = DEFAULT_STOP) -> str:
 
 def read_samples(path: str | os.PathLike) -> list[dict]:
     """Samples from a JSONL file, one ``{"task_id", "completion"}`` object a line."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"samples file not found: {path}")
-    samples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({exc})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("task_id"), str) or not isinstance(
-                    row.get("completion"), str):
-                raise ValueError(f"{path}, line {lineno}: expected an object with string 'task_id' and 'completion'")
-            samples.append(row)
-    return samples
+    from intro2llm.data.sft_dataset import read_jsonl_rows
+
+    def sample(row: object, where: str) -> dict:
+        if not isinstance(row, dict) or not isinstance(row.get("task_id"), str) or not isinstance(
+                row.get("completion"), str):
+            raise ValueError(f"{where}: expected an object with string 'task_id' and 'completion'")
+        return row
+
+    return read_jsonl_rows(path, "HumanEval samples", sample)
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:

@@ -34,8 +34,17 @@ from typing import Any
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import ParamsT
 
 from intro2llm.course import lesson_task
+
+
+def evaluate_closure(closure) -> Any:  # noqa: ANN001 - a torch optimizer's closure or None
+    """``closure()`` with gradients enabled (a ``step`` runs under no_grad), or None without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 class AdamW(Optimizer):
@@ -43,7 +52,7 @@ class AdamW(Optimizer):
 
     def __init__(
         self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        params: ParamsT,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -115,10 +124,7 @@ class AdamW(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - same signature as torch optimizers
         """One AdamW update of every parameter that has a gradient; returns ``closure()`` if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = self._init_group(group)
             if not params:

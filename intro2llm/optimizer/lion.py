@@ -13,25 +13,18 @@ through their local shards (the update is elementwise). Not handled: sparse or c
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
-
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import ParamsT
+
+from intro2llm.optimizer.adamw import evaluate_closure
 
 
 class Lion(Optimizer):
     """Lion optimizer: ``Lion(params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)``."""
 
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-4,
-        betas: tuple[float, float] = (0.9, 0.99),
-        weight_decay: float = 0.0,
-        *,
-        maximize: bool = False,
-    ) -> None:
+    def __init__(self, params: ParamsT, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0, *, maximize: bool = False) -> None:
         if not 0.0 <= lr:
             raise ValueError(f"Lion: lr must be >= 0, got {lr}")
         if not (0.0 <= betas[0] <= 1.0 and 0.0 <= betas[1] <= 1.0):
@@ -43,10 +36,7 @@ class Lion(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - same signature as torch optimizers
         """One Lion update of every parameter that has a gradient; returns ``closure()`` if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             beta1, beta2 = group["betas"]

@@ -142,10 +142,7 @@ def merge_word(word: Sequence[int], pair: tuple[int, int], new_id: int) -> list[
 
 
 def train_merges_reference(
-    words: Sequence[Sequence[int]],
-    counts: Sequence[int],
-    tokens: Sequence[str],
-    num_new_tokens: int,
+    words: Sequence[Sequence[int]], counts: Sequence[int], tokens: Sequence[str], num_new_tokens: int,
     min_frequency: int = 1,
 ) -> list[Merge]:
     """Learn merges the simple way: recount all pairs, merge the best one everywhere, repeat.

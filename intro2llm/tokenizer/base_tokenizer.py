@@ -40,6 +40,11 @@ FORMAT_VERSION = 1
 ROLES = ("bos", "eos", "pad", "unk")
 
 
+def _role_token_id(role: str) -> property:
+    """The read-only ``<role>_token_id`` property: the id of the special token playing ``role``, else None."""
+    return property(lambda self: self._role_id(role), doc=f"Id of the special token playing {role!r}, or None.")
+
+
 class BaseTokenizer:
     """Special tokens, batching, decoding and (de)serialisation shared by all tokenizers."""
 
@@ -96,21 +101,10 @@ class BaseTokenizer:
         text = self.roles.get(role)
         return None if text is None else self.special_tokens[text]
 
-    @property
-    def bos_token_id(self) -> int | None:
-        return self._role_id("bos")
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self._role_id("eos")
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self._role_id("pad")
-
-    @property
-    def unk_token_id(self) -> int | None:
-        return self._role_id("unk")
+    bos_token_id = _role_token_id("bos")
+    eos_token_id = _role_token_id("eos")
+    pad_token_id = _role_token_id("pad")
+    unk_token_id = _role_token_id("unk")
 
     def _special_set(self, spec: Literal["all"] | Collection[str], name: str) -> set[str]:
         if spec == "all":

@@ -35,7 +35,6 @@ every node sees (rank 0 hashes all shards before the rename).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -48,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from intro2llm._ext import file_sha256  # the build records hash their .so the same way
 from intro2llm.course import lesson_task
 
 FORMAT_VERSION = 1
@@ -103,14 +103,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
@@ -294,7 +286,7 @@ def _commit(root: Path, step: int, tmp: Path, trainer_state: dict[str, Any], lay
     else:
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
     meta = {"format_version": FORMAT_VERSION, "step": step,
-            "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files}}
+            "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": file_sha256(tmp / f)} for f in files}}
     if layout != "full":
         meta["layout"] = layout
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
@@ -404,7 +396,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             raise CheckpointError(f"checkpoint file {f} is missing")
         if f.stat().st_size != size:
             raise CheckpointError(f"checkpoint file {f} is corrupt: {f.stat().st_size} bytes, expected {size}")
-        if _sha256(f) != digest:
+        if file_sha256(f) != digest:
             raise CheckpointError(f"checkpoint file {f} is corrupt: SHA-256 does not match {META_FILE}")
     return meta
 
