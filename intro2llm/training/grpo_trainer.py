@@ -35,6 +35,7 @@ from intro2llm.course import lesson_task
 from intro2llm.data.grpo_dataset import GRPODataset
 from intro2llm.training.rl import (
     RewardFn,
+    RLConfig,
     Rollout,
     compute_rewards,
     generate_responses,
@@ -156,14 +157,11 @@ def compute_grpo_loss(
 # The trainer
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
-class GRPOConfig:
-    """Hyper-parameters of ``GRPOTrainer`` (defaults sized for the tiny model on the synthetic tasks)."""
+class GRPOConfig(RLConfig):
+    """Hyper-parameters of ``GRPOTrainer``: ``RLConfig``'s (prompts_per_step, max_new_tokens, temperature, top_p,
+    lr, grad_clip, weight_decay, seed) and GRPO's own."""
 
-    prompts_per_step: int = 16
     num_generations: int = 8
-    max_new_tokens: int = 8
-    temperature: float = 1.0
-    top_p: float | None = None
     lr: float = 2e-5
     beta: float = 0.0
     epsilon_low: float = 0.2
@@ -174,15 +172,13 @@ class GRPOConfig:
     num_iterations: int = 1  # μ: passes over each generation batch
     num_minibatches: int = 1  # optimizer steps per pass (each over whole groups)
     micro_batch_size: int | None = 32  # rows per forward/backward (rounded to whole groups); None: all at once
-    grad_clip: float | None = 1.0
-    weight_decay: float = 0.0
-    seed: int = 0
 
     def validate(self) -> None:
+        super().validate()
         if isinstance(self.num_generations, bool) or not isinstance(self.num_generations, int) \
                 or self.num_generations < 2:
             raise ValueError(f"GRPOConfig.num_generations (G) must be >= 2, got {self.num_generations!r}")
-        for name in ("prompts_per_step", "max_new_tokens", "num_iterations", "num_minibatches"):
+        for name in ("num_iterations", "num_minibatches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GRPOConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.loss_type not in LOSS_TYPES:

@@ -37,6 +37,7 @@ from torch import nn
 from intro2llm.course import lesson_task
 from intro2llm.training.rl import (
     RewardFn,
+    RLConfig,
     Rollout,
     compute_rewards,
     generate_responses,
@@ -155,15 +156,11 @@ class ValueHead(nn.Module):
 # The trainer
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
-class PPOConfig:
-    """Hyper-parameters of ``PPOTrainer`` (defaults sized for the tiny model on the synthetic tasks)."""
+class PPOConfig(RLConfig):
+    """Hyper-parameters of ``PPOTrainer``: ``RLConfig``'s (prompts_per_step, max_new_tokens, temperature, top_p,
+    lr, grad_clip, weight_decay, seed) and PPO's own."""
 
-    prompts_per_step: int = 16
     samples_per_prompt: int = 4
-    max_new_tokens: int = 8
-    temperature: float = 1.0
-    top_p: float | None = None
-    lr: float = 1e-5
     ppo_epochs: int = 2
     num_minibatches: int = 2
     clip_eps: float = 0.2
@@ -175,12 +172,10 @@ class PPOConfig:
     target_kl: float | None = None  # None: fixed kl_coef; else adaptive
     kl_horizon: int = 10000
     whiten_advantages: bool = True
-    grad_clip: float | None = 1.0
-    weight_decay: float = 0.0
-    seed: int = 0
 
     def validate(self) -> None:
-        for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "ppo_epochs", "num_minibatches"):
+        super().validate()
+        for name in ("samples_per_prompt", "ppo_epochs", "num_minibatches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PPOConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not self.clip_eps > 0:

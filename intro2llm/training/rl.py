@@ -95,6 +95,30 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = 
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The hyper-parameters PPO and GRPO share
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class RLConfig:
+    """The rollout's and the optimizer's hyper-parameters, the same in ``PPOConfig`` and ``GRPOConfig`` (which add
+    their own; defaults sized for the tiny model on the synthetic tasks)."""
+
+    prompts_per_step: int = 16
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    top_p: float | None = None
+    lr: float = 1e-5
+    grad_clip: float | None = 1.0
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        """ValueError naming the first bad shared field (subclasses check theirs after calling this)."""
+        for name in ("prompts_per_step", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{type(self).__name__}.{name} must be >= 1, got {getattr(self, name)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Rollouts
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
