@@ -276,6 +276,46 @@ def sandbox_available() -> bool:
         return False
 
 
+def tiny_config(**overrides):  # noqa: ANN201 - a ModelConfig
+    """A ``ModelConfig`` small enough for unit tests (V 53, width 32, FFN 64, 2 layers, 4 heads over 2 kv heads,
+    64 positions), with ``overrides`` applied."""
+    from intro2llm.model import ModelConfig
+
+    base = dict(vocab_size=53, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64)
+    return ModelConfig(**{**base, **overrides})
+
+
+# ---- the toy RL setting of the PPO and GRPO lesson tests ----------------------------------------------------------
+TOY_RL_PROMPTS = ["Q: 1+2=?\nA:", "Q: 12+30=?\nA:", "Q: 7+7=?\nA:", "Q: 45+5=?\nA:"]
+
+
+def seven_first(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+    """Reward 1 for a completion that starts with '7' (rare for a random policy: about 1 in 22)."""
+    return [float(c.startswith("7")) for c in completions]
+
+
+def toy_policy(seed: int = 0):  # noqa: ANN201 - (CausalLM, tokenizer)
+    """(a 1-layer, width-32 ``CausalLM`` initialised from ``seed``, the synthetic-arithmetic tokenizer)."""
+    from intro2llm.data.prepare import synthetic_tokenizer
+    from intro2llm.data.synthetic import pretrain_documents
+    from intro2llm.model import CausalLM, ModelConfig
+
+    tok = synthetic_tokenizer(list(pretrain_documents(200, seed=0)))
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, max_position_embeddings=32, eos_token_id=tok.eos_token_id)
+    return CausalLM(cfg), tok
+
+
+def first_token_prob(model: torch.nn.Module, tok, prompts: Sequence[str], char: str) -> float:  # noqa: ANN001
+    """Mean probability of ``char`` as the first response token over ``prompts``."""
+    with torch.no_grad():
+        probs = [torch.softmax(model(torch.tensor([tok.encode(p)])).logits[0, -1], -1)[tok.encode(char)[0]]
+                 for p in prompts]
+    return torch.stack(probs).mean().item()
+
+
 # ---- pytest hooks shared by the repository's conftest.py and a course workspace's (they import them by name) ----
 def pytest_sessionstart(session) -> None:
     """Under INTRO2LLM_REQUIRE_EXT=1 (CI) a missing compiled extension fails the session instead of skipping."""

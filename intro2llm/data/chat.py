@@ -205,10 +205,15 @@ def validate_messages(messages: Sequence[Mapping[str, str]], *, allow_no_assista
     return out
 
 
+def messages(*turns: str, system: str | None = None) -> list[dict[str, str]]:
+    """Alternating user / assistant contents -> ``[system?, user, assistant, user, ...]`` messages."""
+    msgs = [{"role": "system", "content": system}] if system else []
+    return msgs + [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)]
+
+
 def pair_to_messages(prompt: str, response: str, system: str | None = None) -> list[dict[str, str]]:
     """``(prompt, response)`` -> ``[system?, user, assistant]`` messages."""
-    msgs = [{"role": "system", "content": system}] if system else []
-    return msgs + [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    return messages(prompt, response, system=system)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,27 +18,18 @@ from intro2llm.model import (
     sample_next_token,
 )
 from intro2llm.model.attention import causal_mask
+from intro2llm.testing import tiny_config
 
 MODEL = ("CausalLM.__init__", "CausalLM.forward")
 GENERATE = ("CausalLM.generate", "CausalLM.stream_generate", "sample_next_token")
 
 
-def config(**kw) -> ModelConfig:
-    base = dict(vocab_size=53, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64)
-    return ModelConfig(**{**base, **kw})
-
-
 def attn_config(**kw) -> ModelConfig:
-    base = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64)
-    return ModelConfig(**{**base, **kw})
+    return tiny_config(**{"vocab_size": 50, "num_hidden_layers": 1, **kw})
 
 
 def block_config(**kw) -> ModelConfig:
-    base = dict(vocab_size=50, hidden_size=32, intermediate_size=80, num_hidden_layers=1, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64)
-    return ModelConfig(**{**base, **kw})
+    return tiny_config(**{"vocab_size": 50, "intermediate_size": 80, "num_hidden_layers": 1, **kw})
 
 
 # ---- the KV cache inside attention and the block
@@ -79,7 +70,7 @@ def test_block_with_rope_and_cache_token_by_token_equals_full_sequence():
 @pytest.mark.task(*MODEL)
 def test_overfits_one_batch():
     torch.manual_seed(0)
-    model = CausalLM(config())
+    model = CausalLM(tiny_config())
     ids = torch.randint(0, 53, (4, 12))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     first = None
@@ -95,7 +86,7 @@ def test_overfits_one_batch():
 @pytest.mark.task(*GENERATE, "CausalLM._decode_cached")
 def test_left_padded_generation_equals_each_row_alone():
     torch.manual_seed(1)
-    model = CausalLM(config(initializer_range=0.2)).eval()
+    model = CausalLM(tiny_config(initializer_range=0.2)).eval()
     a, b = torch.randint(1, 53, (2,)), torch.randint(1, 53, (5,))
     ids = torch.zeros(2, 5, dtype=torch.long)
     ids[0, 3:], ids[1] = a, b
@@ -108,7 +99,7 @@ def test_left_padded_generation_equals_each_row_alone():
 @pytest.mark.task("CausalLM.stream_generate", "CausalLM.generate")
 def test_streaming_yields_one_token_per_step():
     torch.manual_seed(2)
-    model = CausalLM(config(initializer_range=0.2)).eval()
+    model = CausalLM(tiny_config(initializer_range=0.2)).eval()
     ids = torch.randint(0, 53, (1, 3))
     tokens = [int(t) for t in model.stream_generate(ids, 6)]
     assert tokens == model.generate(ids, 6)[0, 3:].tolist()

@@ -9,16 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from intro2llm.model import CausalLM, DynamicKVCache, ModelConfig, StaticKVCache, top_k_filter, top_p_filter
+from intro2llm.model import CausalLM, DynamicKVCache, StaticKVCache, top_k_filter, top_p_filter
+from intro2llm.testing import tiny_config
 
 MODEL = ("CausalLM.__init__", "CausalLM.forward")
 GENERATE = ("CausalLM.generate", "CausalLM.stream_generate", "sample_next_token")
-
-
-def config(**kw) -> ModelConfig:
-    base = dict(vocab_size=53, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64)
-    return ModelConfig(**{**base, **kw})
 
 
 # ---- the KV cache
@@ -57,7 +52,7 @@ def test_top_k_filter_keeps_the_k_largest():
 @pytest.mark.task(*MODEL)
 def test_loss_at_initialization_is_log_vocab():
     torch.manual_seed(0)
-    model = CausalLM(config(initializer_range=0.002))
+    model = CausalLM(tiny_config(initializer_range=0.002))
     ids = torch.randint(0, 53, (4, 16))
     assert model(ids, labels=ids).loss.item() == pytest.approx(math.log(53), abs=0.05)
 
@@ -65,7 +60,7 @@ def test_loss_at_initialization_is_log_vocab():
 @pytest.mark.task(*MODEL)
 def test_labels_are_shifted_inside():
     torch.manual_seed(0)
-    model = CausalLM(config())
+    model = CausalLM(tiny_config())
     ids = torch.randint(0, 53, (2, 9))
     out = model(ids, labels=ids)
     ref = F.cross_entropy(out.logits[:, :-1].reshape(-1, 53), ids[:, 1:].reshape(-1))
@@ -75,7 +70,7 @@ def test_labels_are_shifted_inside():
 @pytest.mark.task(*MODEL)
 def test_changing_a_future_token_never_changes_past_logits():
     torch.manual_seed(0)
-    model = CausalLM(config()).eval()
+    model = CausalLM(tiny_config()).eval()
     ids = torch.randint(0, 53, (1, 10))
     for t in range(1, 10):
         changed = ids.clone()
@@ -87,7 +82,7 @@ def test_changing_a_future_token_never_changes_past_logits():
 @pytest.mark.task(*GENERATE, "CausalLM._decode_cached", "StaticKVCache.update")
 def test_greedy_with_cache_equals_without():
     torch.manual_seed(0)
-    model = CausalLM(config(initializer_range=0.2)).eval()
+    model = CausalLM(tiny_config(initializer_range=0.2)).eval()
     ids = torch.randint(0, 53, (2, 4))
     assert torch.equal(model.generate(ids, 30), model.generate(ids, 30, use_cache=False))
 
@@ -101,14 +96,14 @@ def test_top_p_and_temperature():
     assert top_p_filter(logits, 0.9).isfinite()[0].tolist() == [True, True, True, False]
     assert top_p_filter(logits, 0.5).isfinite()[0].tolist() == [True, False, False, False]
     torch.manual_seed(0)
-    model = CausalLM(config(initializer_range=0.2)).eval()
+    model = CausalLM(tiny_config(initializer_range=0.2)).eval()
     ids = torch.randint(0, 53, (1, 3))
     assert torch.equal(model.generate(ids, 8, do_sample=True, temperature=0.0), model.generate(ids, 8))
 
 
 @pytest.mark.task("CausalLM.forward", "CausalLM.stream_generate")
 def test_bad_input():
-    model = CausalLM(config())
+    model = CausalLM(tiny_config())
     with pytest.raises(ValueError, match="vocabulary"):
         model(torch.tensor([[0, 53]]))
     with pytest.raises(ValueError, match="max_position_embeddings"):

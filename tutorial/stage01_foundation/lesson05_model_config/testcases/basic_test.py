@@ -9,12 +9,7 @@ import torch
 from intro2llm.configs import get_config
 from intro2llm.model import CausalLM, ModelConfig, StaticKVCache
 from intro2llm.model.analysis import count_parameters, estimate_flops, estimate_memory, kv_cache_bytes
-
-
-def config(**kw) -> ModelConfig:
-    base = dict(vocab_size=53, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64)
-    return ModelConfig(**{**base, **kw})
+from intro2llm.testing import tiny_config
 
 
 def hand_config(**kw) -> ModelConfig:
@@ -26,7 +21,7 @@ def hand_config(**kw) -> ModelConfig:
 
 def test_config_rejects_heads_not_divisible_by_kv_heads():
     with pytest.raises(ValueError, match="num_key_value_heads"):
-        config(num_key_value_heads=3)
+        tiny_config(num_key_value_heads=3)
 
 
 @pytest.mark.task("count_parameters")
@@ -60,7 +55,7 @@ def test_tiny_preset_is_about_ten_million_parameters_and_follows_the_formula():
 
 @pytest.mark.task("count_parameters")
 def test_model_parameter_count_equals_analysis():
-    for c in (config(), config(tie_word_embeddings=True)):
+    for c in (tiny_config(), tiny_config(tie_word_embeddings=True)):
         assert sum(p.numel() for p in CausalLM(c).parameters()) == count_parameters(c)["total"]
 
 
@@ -86,7 +81,7 @@ def test_estimate_flops_by_hand():
 
 @pytest.mark.task("estimate_memory")
 def test_kv_cache_bytes_is_exact():
-    c = config()
+    c = tiny_config()
     for dtype, torch_dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         cache = StaticKVCache.from_config(c, 3, 40, dtype=torch_dtype)
         assert kv_cache_bytes(c, 3, 40, dtype) == cache.memory_bytes()
@@ -97,7 +92,7 @@ def test_kv_cache_bytes_is_exact():
 
 @pytest.mark.task("estimate_memory")
 def test_estimate_memory_training_state():
-    c = config()
+    c = tiny_config()
     P = count_parameters(c)["total"]
     fp32 = estimate_memory(c, 2, 16, "float32", "adamw")
     assert fp32["weights"] == 4 * P and fp32["gradients"] == 4 * P

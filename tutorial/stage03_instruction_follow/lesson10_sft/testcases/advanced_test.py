@@ -17,10 +17,8 @@ from intro2llm.training.sft_trainer import SFTTrainer, resize_token_embeddings
 from intro2llm.training.trainer import TrainerConfig
 
 CHATS = [
-    [{"role": "user", "content": "What is 12+35?"}, {"role": "assistant", "content": "It is 47."}],
-    [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Name a color."},
-     {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another one?"},
-     {"role": "assistant", "content": "Red, or\ngreen."}],
+    chat.messages("What is 12+35?", "It is 47."),
+    chat.messages("Name a color.", "Blue.", "Another one?", "Red, or\ngreen.", system="You answer briefly."),
 ]
 
 

@@ -8,10 +8,8 @@ from intro2llm.data.sft_dataset import IGNORE_INDEX, SFTDataset, render_mask, ro
 from intro2llm.tokenizer import BPETokenizer
 
 CHATS = [
-    [{"role": "user", "content": "Q: 12+35=?\nA:"}, {"role": "assistant", "content": " 47\n"}],
-    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-     {"role": "assistant", "content": "hello"}, {"role": "user", "content": "again"},
-     {"role": "assistant", "content": "ok"}],
+    chat.messages("Q: 12+35=?\nA:", " 47\n"),  # [{"role": "user", "content": ...}, {"role": "assistant", ...}]
+    chat.messages("hi", "hello", "again", "ok", system="be brief"),
 ]
 
 

@@ -6,57 +6,34 @@ import copy
 import pytest
 import torch
 
-from intro2llm.data.prepare import synthetic_tokenizer
-from intro2llm.data.synthetic import pretrain_documents
-from intro2llm.model import CausalLM, ModelConfig
+from intro2llm.testing import TOY_RL_PROMPTS, first_token_prob, seven_first, toy_policy
 from intro2llm.training.ppo_trainer import PPOConfig, PPOTrainer
 from intro2llm.training.rl import RewardError, compute_rewards, generate_responses, response_logprobs
 
-PROMPTS = ["Q: 1+2=?\nA:", "Q: 12+30=?\nA:", "Q: 7+7=?\nA:", "Q: 45+5=?\nA:"]
-
-
-def seven_first(prompts, completions):
-    """Reward 1 for a completion that starts with '7' (rare for a random policy: about 1 in 22)."""
-    return [float(c.startswith("7")) for c in completions]
-
-
-def setup(seed=0):
-    tok = synthetic_tokenizer(list(pretrain_documents(200, seed=0)))
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, max_position_embeddings=32, eos_token_id=tok.eos_token_id)
-    return CausalLM(cfg), tok
-
-
-def p_first(model, tok, char):
-    """Mean probability of `char` as the first response token over PROMPTS."""
-    ids = [tok.encode(p) for p in PROMPTS]
-    with torch.no_grad():
-        probs = [torch.softmax(model(torch.tensor([i])).logits[0, -1], -1)[tok.encode(char)[0]] for i in ids]
-    return torch.stack(probs).mean().item()
+PROMPTS = TOY_RL_PROMPTS  # the toy policy (toy_policy) should learn to start its answers with "7" (seven_first)
 
 
 @pytest.mark.task("PPOTrainer.training_step", "generate_responses", "compute_rewards")
 def test_ppo_learns_a_toy_reward():
-    model, tok = setup()
-    before = p_first(model, tok, "7")
+    model, tok = toy_policy()
+    before = first_token_prob(model, tok, PROMPTS, "7")
     cfg = PPOConfig(prompts_per_step=4, samples_per_prompt=8, max_new_tokens=2, lr=1e-2, ppo_epochs=2,
                     num_minibatches=2, kl_coef=0.01, seed=0)
     tr = PPOTrainer(model, tok, seven_first, PROMPTS, cfg)
     history = [tr.training_step() for _ in range(8)]
-    after = p_first(model, tok, "7")
+    after = first_token_prob(model, tok, PROMPTS, "7")
     assert after > 4 * before, (before, after)
     for m in history:
         assert 0.0 <= m["clip_frac"] <= 1.0 and torch.isfinite(torch.tensor(m["loss"]))
     assert history[-1]["kl"] > 0  # the policy has moved away from the frozen reference
     # the reference model is a frozen copy of the starting policy
     assert all(not p.requires_grad for p in tr.ref_model.parameters())
-    assert p_first(tr.ref_model, tok, "7") == pytest.approx(before)
+    assert first_token_prob(tr.ref_model, tok, PROMPTS, "7") == pytest.approx(before)
 
 
 @pytest.mark.task("PPOTrainer.training_step")
 def test_value_head_reads_the_policy_trunk_and_learns_the_return():
-    model, tok = setup(1)
+    model, tok = toy_policy(1)
     cfg = PPOConfig(prompts_per_step=4, samples_per_prompt=4, max_new_tokens=2, lr=1e-2, kl_coef=0.0,
                     vf_coef=1.0, seed=1)
     tr = PPOTrainer(model, tok, lambda p, c: [1.0] * len(c), PROMPTS, cfg)  # constant return 1: V should reach it
@@ -70,14 +47,14 @@ def test_value_head_reads_the_policy_trunk_and_learns_the_return():
 
 @pytest.mark.task("PPOTrainer.training_step")
 def test_trainer_state_round_trip():
-    model, tok = setup(2)
+    model, tok = toy_policy(2)
     cfg = PPOConfig(prompts_per_step=2, samples_per_prompt=2, max_new_tokens=2, target_kl=0.01, seed=3)
     tr = PPOTrainer(model, tok, seven_first, PROMPTS, cfg)
     tr.training_step()
     state, weights = tr.trainer_state(), {k: v.clone() for k, v in tr.trainable_state().items()}
     opt = copy.deepcopy(tr.optimizer.state_dict())  # the live state is updated in place by the next step
     a = tr.training_step()
-    model2, _ = setup(2)
+    model2, _ = toy_policy(2)
     tr2 = PPOTrainer(model2, tok, seven_first, PROMPTS, cfg)
     tr2.load_trainable_state(weights)
     tr2.optimizer.load_state_dict(opt)
@@ -88,7 +65,7 @@ def test_trainer_state_round_trip():
 
 
 def test_bad_config():
-    model, tok = setup()
+    model, tok = toy_policy()
     with pytest.raises(ValueError, match="clip_eps must be > 0"):
         PPOTrainer(model, tok, seven_first, PROMPTS, PPOConfig(clip_eps=0.0))
     with pytest.raises(ValueError, match="no prompts"):
@@ -99,7 +76,7 @@ def test_bad_config():
 def test_sampled_responses_stop_and_carry_their_own_log_probs():
     """P·n rows, prompt i // n; the mask ends at the stop token; old_logprobs are the sampling policy's, i.e. what
     one forward of prompt + response gives back."""
-    model, tok = setup(4)
+    model, tok = toy_policy(4)
     stop = tok.encode("\n")[0]
     ro = generate_responses(model, PROMPTS[:2], 3, tokenizer=tok, max_new_tokens=6, stop_token_ids=[stop],
                             generator=torch.Generator().manual_seed(0))
