@@ -50,47 +50,46 @@ def _loss_fn(kind):
     return lambda x, t: ops.cross_entropy(x, t, backend=kind)
 
 
-def _inputs(N, V, dtype):
+def _inputs(N, V, dtype, requires_grad=False):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(N, V, generator=g).to(DEVICE, dtype)
+    x = torch.randn(N, V, generator=g).to(DEVICE, dtype).requires_grad_(requires_grad)
     t = torch.randint(0, V, (N,), generator=g).to(DEVICE)
     return x, t
+
+
+def _case(kind, shape, dtype, requires_grad=False):
+    """(logits, targets, loss function) of one benchmark case."""
+    return *_inputs(*shape, dtype, requires_grad), _loss_fn(kind)
 
 
 CASES = [(k, s, d) for k in KINDS for s in SHAPES for d in DTYPES]
 IDS = [f"{k}-{s[0]}x{s[1]}-{str(d)[6:]}" for k, s, d in CASES]
 
 
-def _group(benchmark, group, nbytes):
+def _bench(benchmark, group, nbytes, run, setup=None):
+    """5 timed rounds of ``run`` in group ``cross_entropy-<group>``; on GPU the GB/s of moving ``nbytes``."""
     benchmark.group = f"cross_entropy-{group}"  # before the run: pytest-benchmark reads it then
     benchmark.extra_info["bytes"] = nbytes
-
-
-def _record(benchmark, nbytes):
+    benchmark.pedantic(run, setup=setup, rounds=5, warmup_rounds=1)
     if DEVICE == "cuda" and benchmark.stats is not None:
         benchmark.extra_info["GB/s"] = round(nbytes / benchmark.stats.stats.min / 1e9, 1)
 
 
 @pytest.mark.parametrize("kind,shape,dtype", CASES, ids=IDS)
 def test_fwd(benchmark, kind, shape, dtype):
-    x, t = _inputs(*shape, dtype)
-    fn = _loss_fn(kind)
+    x, t, fn = _case(kind, shape, dtype)
 
     def run():
         with torch.no_grad():
             fn(x, t)
         _sync()
 
-    _group(benchmark, "fwd", x.numel() * x.element_size())
-    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
-    _record(benchmark, x.numel() * x.element_size())
+    _bench(benchmark, "fwd", x.numel() * x.element_size(), run)
 
 
 @pytest.mark.parametrize("kind,shape,dtype", CASES, ids=IDS)
 def test_bwd(benchmark, kind, shape, dtype):
-    x, t = _inputs(*shape, dtype)
-    fn = _loss_fn(kind)
-    x.requires_grad_()
+    x, t, fn = _case(kind, shape, dtype, requires_grad=True)
 
     def setup():
         x.grad = None
@@ -100,31 +99,24 @@ def test_bwd(benchmark, kind, shape, dtype):
         loss.backward()
         _sync()
 
-    _group(benchmark, "bwd", 2 * x.numel() * x.element_size())
-    benchmark.pedantic(run, setup=setup, rounds=5, warmup_rounds=1)
-    _record(benchmark, 2 * x.numel() * x.element_size())
+    _bench(benchmark, "bwd", 2 * x.numel() * x.element_size(), run, setup)
 
 
 @pytest.mark.parametrize("kind,shape,dtype", CASES, ids=IDS)
 def test_full(benchmark, kind, shape, dtype):
-    x, t = _inputs(*shape, dtype)
-    fn = _loss_fn(kind)
-    x.requires_grad_()
+    x, t, fn = _case(kind, shape, dtype, requires_grad=True)
 
     def run():
         x.grad = None
         fn(x, t).backward()
         _sync()
 
-    _group(benchmark, "full", 3 * x.numel() * x.element_size())
-    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
-    _record(benchmark, 3 * x.numel() * x.element_size())
+    _bench(benchmark, "full", 3 * x.numel() * x.element_size(), run)
 
 
 def side_by_side(N: int, V: int, rounds: int, kinds: list[str]) -> dict[str, float]:
     """Median seconds of forward+backward per kind, the kinds interleaved within each round."""
-    x, t = _inputs(N, V, torch.float32)
-    x.requires_grad_()
+    x, t = _inputs(N, V, torch.float32, requires_grad=True)
     times: dict[str, list[float]] = {k: [] for k in kinds}
     for r in range(rounds + 1):  # round 0 warms up
         for k in kinds:

@@ -103,15 +103,7 @@ def test_shards(benchmark, impl, tmp_path):
 
 
 if __name__ == "__main__":
-    import time
-
-    def best(fn, rounds=3):
-        ts = []
-        for _ in range(rounds):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        return min(ts)
+    from intro2llm.testing import best_seconds as best
 
     docs = _docs()
     same = set(_run_dedup("minhash_lsh", docs)) == set(_run_dedup("brute_force_exact", docs))

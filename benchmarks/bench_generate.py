@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import time
 
 import pytest
 import torch
 
 from intro2llm.configs import get_config
 from intro2llm.model import CausalLM
+from intro2llm.testing import seconds_alternating
 
 PROMPT = 16
 
@@ -29,15 +29,8 @@ def _tiny_model(seed: int = 0) -> CausalLM:
 
 
 def _best_times(fns: dict, rounds: int) -> dict[str, float]:
-    for fn in fns.values():  # warm-up
-        fn()
-    best = {name: float("inf") for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
+    """The fastest call of each function after a warm-up call, the functions alternating round by round."""
+    return {name: min(ts) for name, ts in seconds_alternating(fns, rounds).items()}
 
 
 def cache_vs_nocache(new_tokens: int = 256, rounds: int = 1) -> dict[str, float]:

@@ -10,17 +10,12 @@ import pytest
 import torch
 
 import intro2llm.ops as ops
-from intro2llm.testing import backends_for, benchmark_bandwidth
+from intro2llm.testing import backends_for, bandwidth_run, benchmark_bandwidth
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(4096, 4096), (16384, 1024)]
 DTYPES = [torch.float32, torch.bfloat16]
 IMPLS = [b for b in backends_for(DEVICE) if not (b == "triton" and DEVICE == "cpu")] + ["compile", "clone"]
-
-
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 _compiled = {}
@@ -45,23 +40,6 @@ def test_rms_norm(benchmark, mode, impl, shape, dtype):
         pytest.skip("clone is the forward memory floor only")
     x = torch.randn(shape, device=DEVICE, dtype=dtype)
     w = torch.ones(shape[-1], device=DEVICE, dtype=dtype)
-    g = torch.randn_like(x)
-    fn = _fn(impl)
-    nbytes = x.numel() * x.element_size()
-    if mode == "fwd":
-        moved = 2 * nbytes
-
-        def run():
-            with torch.no_grad():
-                fn(x, w)
-            _sync()
-    else:
-        moved = 5 * nbytes
-        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-
-        def run():
-            xg.grad = wg.grad = None
-            fn(xg, wg).backward(g)
-            _sync()
-
+    run = bandwidth_run(_fn(impl), (x, w), torch.randn_like(x) if mode == "full" else None)
+    moved = (2 if mode == "fwd" else 5) * x.numel() * x.element_size()
     benchmark_bandwidth(benchmark, run, moved, f"rms_norm-{mode}-{'x'.join(map(str, shape))}-{str(dtype)[6:]}", 10)

@@ -13,18 +13,13 @@ import pytest
 import torch
 
 import intro2llm.ops as ops
-from intro2llm.testing import backends_for, benchmark_bandwidth
+from intro2llm.testing import backends_for, bandwidth_run, benchmark_bandwidth
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (B, H, Hkv, T, D)
 SHAPES = [(8, 32, 8, 4096, 128)] if DEVICE == "cuda" else [(4, 32, 8, 1024, 128)]
 DTYPES = [torch.float32, torch.bfloat16]
 IMPLS = [b for b in backends_for(DEVICE) if not (b == "triton" and DEVICE == "cpu")] + ["eager", "compile", "clone"]
-
-
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 def _rotate_half(x):
@@ -66,24 +61,8 @@ def test_rope(benchmark, mode, impl, shape, dtype):
     ang = torch.arange(T, device=DEVICE, dtype=torch.float32)[:, None] * torch.rand(D // 2, device=DEVICE)
     emb = torch.cat((ang, ang), dim=-1)  # (T, D)
     cos, sin = emb.cos(), emb.sin()
-    fn = _fn(impl)
-    nbytes = (q.numel() + k.numel()) * q.element_size()
-    if mode == "fwd":
-        moved = 2 * nbytes
-
-        def run():
-            with torch.no_grad():
-                fn(q, k, cos, sin)
-            _sync()
-    else:
-        moved = 4 * nbytes
-        qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()
-        dq, dk = torch.randn_like(q), torch.randn_like(k)
-
-        def run():
-            qg.grad = kg.grad = None
-            torch.autograd.backward(fn(qg, kg, cos, sin), (dq, dk))
-            _sync()
-
+    grads = (torch.randn_like(q), torch.randn_like(k)) if mode == "full" else None
+    run = bandwidth_run(_fn(impl), (q, k, cos, sin), grads, n_grad=2)  # cos/sin get no gradient
+    moved = (2 if mode == "fwd" else 4) * (q.numel() + k.numel()) * q.element_size()
     benchmark_bandwidth(benchmark, run, moved, "rope-{}-B{}H{}kv{}T{}D{}-{}".format(mode, *shape, str(dtype)[6:]),
                         10 if DEVICE == "cuda" else 5)

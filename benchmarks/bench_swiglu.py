@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import intro2llm.ops as ops
-from intro2llm.testing import backends_for, benchmark_bandwidth
+from intro2llm.testing import backends_for, bandwidth_run, benchmark_bandwidth
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(16384, 14336)] if DEVICE == "cuda" else [(4096, 14336)]
@@ -27,11 +27,6 @@ OPS = {
     "swiglu": (ops.swiglu, ops.swiglu_reference, lambda g, u: F.silu(g) * u),
     "geglu": (ops.geglu, ops.geglu_reference, lambda g, u: F.gelu(g) * u),
 }
-
-
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 _compiled = {}
@@ -62,24 +57,8 @@ def test_glu(benchmark, op, mode, impl, shape, dtype):
         pytest.skip("geglu: the swiglu groups hold the floor and the compile baseline")
     gate = torch.randn(shape, device=DEVICE, dtype=dtype)
     up = torch.randn(shape, device=DEVICE, dtype=dtype)
-    fn = _fn(op, impl)
+    run = bandwidth_run(_fn(op, impl), (gate, up), torch.randn_like(gate) if mode == "full" else None)
     nbytes = gate.numel() * gate.element_size()
-    if mode == "fwd":
-        moved = 3 * nbytes
-
-        def run():
-            with torch.no_grad():
-                fn(gate, up)
-            _sync()
-    else:
-        moved = 8 * nbytes
-        gg, ug = gate.clone().requires_grad_(), up.clone().requires_grad_()
-        dy = torch.randn_like(gate)
-
-        def run():
-            gg.grad = ug.grad = None
-            fn(gg, ug).backward(dy)
-            _sync()
-
+    moved = (3 if mode == "fwd" else 8) * nbytes
     benchmark_bandwidth(benchmark, run, moved if impl != "clone" else 2 * nbytes,
                         f"{op}-{mode}-{'x'.join(map(str, shape))}-{str(dtype)[6:]}", 10 if DEVICE == "cuda" else 5)

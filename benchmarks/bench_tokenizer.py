@@ -20,11 +20,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 from intro2llm.data.corpora import python_stdlib
+from intro2llm.testing import best_seconds
 from intro2llm.tokenizer import ByteLevelBPETokenizer
 
 TRAIN_BYTES = int(float(os.environ.get("INTRO2LLM_BENCH_TRAIN_MB", "20")) * 1e6)
@@ -168,22 +168,14 @@ def _encoder(impl: str, ours: ByteLevelBPETokenizer, held: str, tmp_dir):
 
 
 # ---- one side-by-side summary --------------------------------------------------------------------------------------
-def _best(fn, rounds: int = 3) -> float:
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
 def summary(rounds: int = 3) -> dict:
     """Best-of-``rounds`` times for both trainers and all encoders, in one process, plus memory and compression."""
     import tempfile
 
     train, held = corpora()
     out: dict = {"train_MB": round(sum(len(t.encode()) for t in train) / 1e6, 2), "vocab": VOCAB}
-    out["train_s"] = {"ours": _best(lambda: train_ours(train), rounds), "hf": _best(lambda: train_hf(train), rounds)}
+    out["train_s"] = {"ours": best_seconds(lambda: train_ours(train), rounds),
+                      "hf": best_seconds(lambda: train_hf(train), rounds)}
     out["train_ratio_ours_over_hf"] = round(out["train_s"]["ours"] / out["train_s"]["hf"], 3)
     out["peak_train_memory_MB"] = {k: round((peak_training_memory(k) or 0) / 2**20, 1) for k in ("ours", "hf")}
     out["held_out_bytes_per_token"] = {k: round(v, 4) for k, v in bytes_per_token(held).items()}
@@ -197,7 +189,7 @@ def summary(rounds: int = 3) -> dict:
             fn = _encoder(impl, ours, held, tmp)
             ids = fn()  # also warms the Python word cache
             assert impl == "hf-batch" or ids == reference, impl
-            out["encode_MB_per_s"][impl] = round(n / _best(fn, rounds + 2) / 1e6, 2)
+            out["encode_MB_per_s"][impl] = round(n / best_seconds(fn, rounds + 2) / 1e6, 2)
     speed = out["encode_MB_per_s"]
     out["encode_ratio_ours_over_tiktoken"] = round(speed["ours-cpp"] / speed["tiktoken"], 3)
     out["encode_ratio_ours_over_hf"] = round(speed["ours-cpp"] / speed["hf"], 3)

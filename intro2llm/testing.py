@@ -227,10 +227,9 @@ def hf_llama_like(model: torch.nn.Module):
     return hf
 
 
-def median_seconds_alternating(steps: dict, rounds: int, warmup: bool = True) -> dict[str, float]:
-    """Median wall seconds per call of each ``steps[name]()``, the steps alternating round by round (on a noisy
+def seconds_alternating(steps: dict, rounds: int, warmup: bool = True) -> dict[str, list[float]]:
+    """Wall seconds of every call of each ``steps[name]()``, the steps alternating round by round (on a noisy
     machine their ratio survives, absolute times do not); ``warmup`` calls each once before timing."""
-    import statistics
     import time
 
     if warmup:
@@ -242,7 +241,19 @@ def median_seconds_alternating(steps: dict, rounds: int, warmup: bool = True) ->
             t0 = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def median_seconds_alternating(steps: dict, rounds: int, warmup: bool = True) -> dict[str, float]:
+    """The median of ``seconds_alternating`` per step."""
+    import statistics
+
+    return {name: statistics.median(ts) for name, ts in seconds_alternating(steps, rounds, warmup).items()}
+
+
+def best_seconds(fn, rounds: int = 3, warmup: bool = False) -> float:  # noqa: ANN001 - a callable
+    """The fastest of ``rounds`` timed calls of ``fn()``."""
+    return min(seconds_alternating({"fn": fn}, rounds, warmup)["fn"])
 
 
 def benchmark_bandwidth(benchmark, run, moved_bytes: int, group: str, rounds: int = 5) -> None:
@@ -259,6 +270,31 @@ def benchmark_bandwidth(benchmark, run, moved_bytes: int, group: str, rounds: in
     benchmark.extra_info["bytes"] = moved_bytes
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
     benchmark.extra_info["GB/s"] = round(moved_bytes / benchmark.stats.stats.min / 1e9, 2)
+
+
+def bandwidth_run(fn, inputs: Sequence, grad_outputs=None, n_grad: int | None = None):  # noqa: ANN001, ANN201
+    """The ``run()`` that ``benchmark_bandwidth`` times: ``fn(*inputs)`` without autograd when ``grad_outputs`` is
+    None, else forward and backward (with ``grad_outputs``) through fresh leaf copies of the first ``n_grad`` inputs
+    (default: all). Synchronizes CUDA, so that the time covers the kernels."""
+    def sync() -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    if grad_outputs is None:
+        def run() -> None:
+            with torch.no_grad():
+                fn(*inputs)
+            sync()
+        return run
+    n = len(inputs) if n_grad is None else n_grad
+    leaves, rest = [t.clone().requires_grad_() for t in inputs[:n]], inputs[n:]
+
+    def run() -> None:
+        for t in leaves:
+            t.grad = None
+        torch.autograd.backward(fn(*leaves, *rest), grad_outputs)
+        sync()
+    return run
 
 
 def sandbox_available() -> bool:
