@@ -16,6 +16,10 @@ layer, or unmerging an unmerged one, is a no-op with a warning, as in PEFT).
 our adapters onto ``transformers``' model and we load adapters that ``peft`` saved. The base may be an
 ``nn.Linear`` or a 4-bit ``Linear4bit`` (QLoRA, ``intro2llm.model.qlora``).
 
+``LoRALayer.forward`` is the plain formula; over a frozen ``nn.Linear`` it takes ``lora_linear``, a fast path with
+the same math whose autograd function accumulates the base output and the adapter term in one buffer and never
+computes a gradient for W₀ (``FAST_PATH = False`` turns it off; the tests compare the two).
+
 Not handled: several adapters per layer, DoRA, rsLoRA, per-module rank/alpha patterns, LoRA on embeddings or
 convolutions, ``modules_to_save`` (files using them are rejected with an error naming the feature).
 """
@@ -157,8 +161,9 @@ FAST_PATH = True  # LoRALayer uses lora_linear where it applies; False: always t
 
 
 def _fast_path_applies(layer: LoRALayer, x: torch.Tensor) -> bool:
-    """``lora_linear`` computes exactly ``LoRALayer.forward`` when: the base is a frozen ``nn.Linear``, there is no
-    dropout, no autocast, and x, W₀, A and B share one dtype (fp32 adapters over an fp32 base)."""
+    """``lora_linear`` computes ``LoRALayer.forward``'s values and gradients (up to fp32 rounding) when: the base is
+    a frozen ``nn.Linear``, there is no dropout, no autocast, and x, W₀, A and B share one dtype (fp32 adapters over
+    an fp32 base)."""
     base = layer.base_layer
     if not FAST_PATH or type(base) is not nn.Linear or not isinstance(layer.lora_dropout, nn.Identity):
         return False
@@ -204,7 +209,8 @@ class _LoRALinearFunction(torch.autograd.Function):
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
     """``x W₀ᵀ + b + scaling · (x Aᵀ) Bᵀ`` for x (..., in), W₀ (out, in) and b frozen, A (r, in), B (out, r): the
-    plain forward's values and gradients (tested equal), fewer temporaries (``_LoRALinearFunction``)."""
+    plain forward's values and gradients (tested equal up to fp32 rounding), fewer temporaries
+    (``_LoRALinearFunction``)."""
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("lora_linear: the base weight and bias must be frozen (requires_grad=False)")
     lead = x.shape[:-1]
