@@ -145,47 +145,33 @@ threading.settrace(_tracer)
 """,
 }
 
+def _spray(messages: str, fds: str = "range(3, 64)", then: str = "os._exit(0)") -> str:
+    """A completion that writes each message of ``messages`` (an expression evaluated in the sandbox) to every fd of
+    ``fds`` it can, then runs ``then``."""
+    return f"""
+    import os
+    for message in {messages}:
+        for fd in {fds}:
+            try:
+                os.write(fd, message)
+            except OSError:
+                pass
+    {then}
+"""
+
+
+def _framed(bodies: str) -> str:
+    """The channel's framing of each of ``bodies`` (an expression): 8-byte big-endian length, then the body."""
+    return f'[len(b).to_bytes(8, "big") + b for b in {bodies}]'
+
+
 ABORT = {
     # Garbage (and "S"-prefixed pseudo tokens) into every fd it has, marker pipe included, then a wrong answer.
-    "write_every_fd": """
-    import os
-    for fd in range(0, 256):
-        for junk in (b"S" + b"0" * 32, b"\\xff" * 65536, b"passed"):
-            try:
-                os.write(fd, junk)
-            except OSError:
-                pass
-    return 0
-""",
-    "channel_huge_length": """
-    import os
-    for fd in range(3, 64):
-        try:
-            os.write(fd, (2**62).to_bytes(8, "big") + b"x" * 100)
-        except OSError:
-            pass
-    os._exit(0)
-""",
-    "channel_deep_nesting": """
-    import os
-    payload = b"[" * 200000 + b"]" * 200000
-    for fd in range(3, 64):
-        try:
-            os.write(fd, len(payload).to_bytes(8, "big") + payload)
-        except OSError:
-            pass
-    os._exit(0)
-""",
-    "channel_unknown_tags": """
-    import os
-    for body in (b'["ok"]', b'["ok", ["d", [[["l", []], 1]]]]', b'["ok", ["q", 1]]', b'{"a": 1}', b'\\xff\\xfe'):
-        for fd in range(3, 64):
-            try:
-                os.write(fd, len(body).to_bytes(8, "big") + body)
-            except OSError:
-                pass
-    os._exit(0)
-""",
+    "write_every_fd": _spray('(b"S" + b"0" * 32, b"\\xff" * 65536, b"passed")', fds="range(0, 256)", then="return 0"),
+    "channel_huge_length": _spray('[(2**62).to_bytes(8, "big") + b"x" * 100]'),
+    "channel_deep_nesting": _spray(_framed('[b"[" * 200000 + b"]" * 200000]')),
+    "channel_unknown_tags": _spray(_framed("""(b'["ok"]', b'["ok", ["d", [[["l", []], 1]]]]', b'["ok", ["q", 1]]',
+                                               b'{"a": 1}', b'\\xff\\xfe')""")),
     "kill_everything": """
     import os, signal
     try:
@@ -199,27 +185,24 @@ ABORT = {
 
 
 def _socket_attacks(paths: dict) -> dict[str, str]:
-    return {
-        "af_unix_path_stream": f"""
+    def unix_stream(address: str) -> str:  # connect to a listening AF_UNIX socket (a path or an abstract name)
+        return f"""
     import socket
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect({paths['stream']!r})
+    s.connect({address!r})
     s.sendall(b"pwned")
     return {SECRET}
-""",
+"""
+
+    return {
+        "af_unix_path_stream": unix_stream(paths["stream"]),
         "af_unix_path_dgram": f"""
     import socket
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     s.sendto(b"pwned", {paths['dgram']!r})
     return {SECRET}
 """,
-        "af_unix_abstract": f"""
-    import socket
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect({paths['abstract']!r})
-    s.sendall(b"pwned")
-    return {SECRET}
-""",
+        "af_unix_abstract": unix_stream(paths["abstract"]),
         "af_unix_raw_syscall": f"""
     import ctypes
     assert ctypes.CDLL(None).socket(1, 1, 0) >= 0
