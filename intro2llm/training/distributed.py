@@ -169,6 +169,11 @@ def gathered_params(model: nn.Module) -> Iterator[nn.Module]:
     module inside the wrapper; one process: ``model`` itself."""
     units = [m for m in model.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")] \
         if is_sharded(model) else []
+    # forwards inside the block (the prefill, module-forward decode steps) must not reshard the blocks again: the
+    # decode reads their weights directly afterwards (wrap_model's blocks reshard after forward; the root never does)
+    blocks = [u for u in units if u is not model]
+    for unit in blocks:
+        unit.set_reshard_after_forward(False, recurse=False)
     for unit in units:
         unit.unshard()
     try:
@@ -176,16 +181,29 @@ def gathered_params(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for unit in units:
             unit.reshard()
+        for unit in blocks:
+            unit.set_reshard_after_forward(True, recurse=False)
 
 
 def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float | None) -> float:
     """Clip the gradients of ``parameters`` to the global norm ``max_norm`` (None or 0: measure only) and return
     the norm before clipping as a float. Under FSDP the gradients are DTensor shards: torch computes the norm over
     all shards (a collective), so every rank clips by the same global factor."""
-    norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm if max_norm else float("inf"))
-    if hasattr(norm, "full_tensor"):  # DTensor under FSDP
-        norm = norm.full_tensor()
-    return float(norm)
+    params = [p for p in parameters if p.grad is not None]
+    sharded = [p for p in params if hasattr(p.grad, "full_tensor")]
+    if not sharded or len(sharded) == len(params):  # all plain, or all FSDP shards: torch's clip
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    # FSDP shards plus replicated parameters (PPO's value head): the two norms combined, then one clip factor
+    plain = [p for p in params if not hasattr(p.grad, "full_tensor")]
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in group]) for group in (sharded, plain)]
+    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
+    total = float(torch.linalg.vector_norm(torch.stack([n.float() for n in norms])))
+    if max_norm and total > max_norm:
+        coef = max_norm / (total + 1e-6)
+        for p in params:
+            p.grad.mul_(coef)
+    return total
 
 
 # ---------------------------------------------------------------------------------------- RL trainers (PPO, GRPO)

@@ -17,12 +17,17 @@ on those advantages plus β·KL(π‖π_ref) with the k3 estimator, per token. D
                   ``advantages`` are the weights w_i = softmax within the group (``softmax_group_weights``);
                   no ratio, no clipping; + β·KL if β > 0.
 
-Not handled: sequence-level importance sampling (GSPO), entropy bonuses, vLLM, multi-process generation.
+Under torchrun (``strategy`` ddp | fsdp, ``distributed.distribute_policy``) every rank samples the same whole
+generation batch (same seed, same weights; FSDP gathers the full weights for the decode with ``gathered_params``),
+so rewards and advantages are identical on all ranks without communication; each rank then runs the forward and
+backward of its share of every mini-batch's groups (normalisers from the whole batch), the gradients are averaged,
+and the logged sums are all-reduced: the same losses as one process. The rollout is therefore not parallelised.
+
+Not handled: sequence-level importance sampling (GSPO), entropy bonuses, vLLM, sharded (per-rank) generation.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -33,6 +38,18 @@ from torch import nn
 
 from intro2llm.course import lesson_task
 from intro2llm.data.grpo_dataset import GRPODataset
+from intro2llm.training.distributed import (
+    DistInfo,
+    all_reduce_stats,
+    average_gradients,
+    clip_grad_norm,
+    distribute_policy,
+    full_state_dict,
+    gathered_params,
+    init_distributed,
+    load_full_state_dict,
+    rank_rows,
+)
 from intro2llm.training.rl import (
     RewardFn,
     RLConfig,
@@ -199,7 +216,8 @@ class GRPOTrainer:
     def __init__(self, model: nn.Module, tokenizer: Any, reward_fns: RewardFn | Sequence[RewardFn],
                  dataset: GRPODataset, config: GRPOConfig | None = None,
                  reward_weights: Sequence[float] | None = None, ref_model: nn.Module | None = None,
-                 stop_token_ids: Sequence[int] = (), encode: Any = None) -> None:
+                 stop_token_ids: Sequence[int] = (), encode: Any = None, strategy: str = "ddp",
+                 dist_info: DistInfo | None = None) -> None:
         self.config = config or GRPOConfig()
         self.config.validate()
         if not isinstance(dataset, GRPODataset):
@@ -209,11 +227,12 @@ class GRPOTrainer:
         self.reward_weights = reward_weights
         self.stop_token_ids = tuple(stop_token_ids)
         self.encode = encode  # str -> ids (a chat template); None: tokenizer.encode
+        # Under torchrun (strategy ddp | fsdp): every rank samples the same whole rollout (same seed, same weights)
+        # and trains on its share of the groups; see distributed.distribute_policy. beta = 0: no reference at all.
+        self.info = dist_info or init_distributed(next(model.parameters()).device.type)
+        self.model, self.ref_model = distribute_policy(model, self.info, strategy, ref_model,
+                                                       need_ref=self.config.beta > 0)
         self.device = next(model.parameters()).device
-        self.ref_model = None
-        if self.config.beta > 0:  # beta = 0: no reference model at all (no copy in memory, no forward)
-            self.ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
-            self.ref_model.eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.config.lr,
                                            weight_decay=self.config.weight_decay)
         self.step = 0
@@ -250,8 +269,9 @@ class GRPOTrainer:
         tokens = mask[rows].sum().clamp(min=1.0)
         wsum = advantages[rows].sum() if c.loss_type == "softmax_weighted" else None
         totals: dict[str, float] = {}
-        for i in range(0, n_rows, micro):
-            r = rows[i : i + micro]
+        local = rank_rows(rows, G)  # this rank's whole groups (all rows with one process)
+        for i in range(0, local.numel(), micro):
+            r = local[i : i + micro]
             sub = rollout.select(r)
             lp = response_logprobs(self.model, sub, c.temperature, group_size=G)
             loss, st = compute_grpo_loss(
@@ -269,10 +289,10 @@ class GRPOTrainer:
                 w = 1.0
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"GRPO loss is {loss.item()} at step {self.step}")
-            (loss * w).backward()
+            (loss * w * self.info.world_size).backward()  # x W: the ranks' gradients are averaged
             for k, v in {"loss": loss.item(), **{k: v.item() for k, v in st.items()}}.items():
                 totals[k] = totals.get(k, 0.0) + w * v if k == "loss" else totals.get(k, 0.0) + v * r.numel() / n_rows
-        return totals
+        return all_reduce_stats(totals)  # each rank holds its share of the sums
 
     @lesson_task(13)
     def training_step(self, prompts: Sequence[str] | None = None) -> dict[str, float]:
@@ -280,7 +300,8 @@ class GRPOTrainer:
         c, G = self.config, self.config.num_generations
         if prompts is None:
             prompts = [it.prompt for it in self.dataset.next_prompts(c.prompts_per_step)]
-        rollout = self.generate_responses(prompts)
+        with gathered_params(self.model):  # FSDP: full weights for the KV-cache decode, resharded after
+            rollout = self.generate_responses(prompts)
         rewards = self.compute_rewards(rollout)
         adv = self.compute_advantages(rewards)
         mask = rollout.response_mask
@@ -301,10 +322,10 @@ class GRPOTrainer:
                 rows = (groups[:, None] * G + torch.arange(G, device=self.device)).reshape(-1)
                 self.optimizer.zero_grad(set_to_none=True)
                 st = self.compute_gradients(rollout, adv, rows, ref_lp, num_items)
-                gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                    c.grad_clip if c.grad_clip else float("inf"))
+                average_gradients(self.model.parameters())  # ddp under torchrun (FSDP reduced them already)
+                gn = clip_grad_norm(self.model.parameters(), c.grad_clip)
                 self.optimizer.step()
-                for k, v in {**st, "grad_norm": float(gn)}.items():
+                for k, v in {**st, "grad_norm": gn}.items():
                     stats.setdefault(k, []).append(v)
         self.step += 1
         out = {k: sum(v) / len(v) for k, v in stats.items()}
@@ -317,10 +338,11 @@ class GRPOTrainer:
 
     # -------------------------------------------------------------------------------------------- checkpoints
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        """Full tensors (under FSDP gathered: every rank calls this)."""
+        return {f"model.{k}": v for k, v in full_state_dict(self.model).items()}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
+        load_full_state_dict(self.model, {k[6:]: v for k, v in state.items() if k.startswith("model.")})
 
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "dataset": self.dataset.state_dict(), "generator": self.generator.get_state(),

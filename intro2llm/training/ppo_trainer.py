@@ -18,13 +18,18 @@ doubles the forward/backward and the weights in memory). The price is that the v
 the policy's trunk (``vf_coef`` keeps it small); InstructGPT used a separate critic at 6B-175B, where that
 interference matters more than the compute. The head starts at zero (V = 0 everywhere).
 
-Not handled: a learned reward model (rewards are functions of the text), rollouts larger than memory,
-distributed training.
+Under torchrun (``strategy`` ddp | fsdp, ``distributed.distribute_policy``) every rank samples the same whole
+rollout (same seed and weights; FSDP gathers the full weights for the decode), so scores, values, GAE and the
+whitening are identical on all ranks; each rank runs its share of every mini-batch, its token-mean losses weighted
+by its share of the mini-batch's tokens, gradients (the value head's too) are averaged and the logged means
+all-reduced: the same losses as one process. The rollout is not parallelised.
+
+Not handled: a learned reward model (rewards are functions of the text), rollouts larger than memory, sharded
+(per-rank) generation.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 from collections.abc import Sequence
@@ -35,6 +40,18 @@ import torch
 from torch import nn
 
 from intro2llm.course import lesson_task
+from intro2llm.training.distributed import (
+    DistInfo,
+    all_reduce_stats,
+    average_gradients,
+    clip_grad_norm,
+    distribute_policy,
+    full_state_dict,
+    gathered_params,
+    init_distributed,
+    load_full_state_dict,
+    rank_rows,
+)
 from intro2llm.training.rl import (
     RewardFn,
     RLConfig,
@@ -194,7 +211,7 @@ class PPOTrainer:
     def __init__(self, model: nn.Module, tokenizer: Any, reward_fns: RewardFn | Sequence[RewardFn],
                  prompts: Sequence[str], config: PPOConfig | None = None, reward_weights: Sequence[float] | None = None,
                  ref_model: nn.Module | None = None, stop_token_ids: Sequence[int] = (),
-                 encode: Any = None) -> None:
+                 encode: Any = None, strategy: str = "ddp", dist_info: DistInfo | None = None) -> None:
         self.config = config or PPOConfig()
         self.config.validate()
         if len(prompts) == 0:
@@ -205,12 +222,14 @@ class PPOTrainer:
         self.prompts = list(prompts)
         self.stop_token_ids = tuple(stop_token_ids)
         self.encode = encode  # str -> ids (a chat template); None: tokenizer.encode
+        # Under torchrun (strategy ddp | fsdp): every rank samples the same whole rollout and trains on its share
+        # of each mini-batch (see the module docstring). The reference (kl_coef > 0): the frozen SFT model, a copy
+        # of the starting policy unless given.
+        self.info = dist_info or init_distributed(next(model.parameters()).device.type)
+        self.model, self.ref_model = distribute_policy(model, self.info, strategy, ref_model,
+                                                       need_ref=self.config.kl_coef > 0)
         self.device = next(model.parameters()).device
-        self.value_head = ValueHead(model.config.hidden_size).to(self.device)
-        self.ref_model = None
-        if self.config.kl_coef > 0:  # the frozen SFT model: a copy of the starting policy unless given
-            self.ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
-            self.ref_model.eval().requires_grad_(False)
+        self.value_head = ValueHead(model.config.hidden_size).to(self.device)  # replicated on every rank
         self.kl_ctl = AdaptiveKLController(self.config.kl_coef, self.config.target_kl, self.config.kl_horizon)
         params = list(model.parameters()) + list(self.value_head.parameters())
         self.optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
@@ -243,11 +262,14 @@ class PPOTrainer:
         """Rollout → rewards → GAE → ``ppo_epochs`` × mini-batch updates; returns the step's metrics."""
         c = self.config
         prompts = self.sample_prompts() if prompts is None else list(prompts)
-        rollout = self.generate_responses(prompts)
+        with gathered_params(self.model):  # FSDP: full weights for the KV-cache decode, resharded after
+            rollout = self.generate_responses(prompts)
         scores = self.compute_rewards(rollout)  # (N,)
         mask = rollout.response_mask
         old_lp = rollout.old_logprobs
-        with torch.no_grad():
+        # FSDP: the no-grad forwards inside gathered_params, which reshards every unit at the end (measured: after a
+        # no-grad forward of the policy left its root unsharded, the next backward lost the root's gradients)
+        with torch.no_grad(), gathered_params(self.model):
             self.model.eval()
             _, old_values = self._forward(rollout)
             if self.ref_model is not None:
@@ -270,7 +292,10 @@ class PPOTrainer:
         for _ in range(c.ppo_epochs):
             perm = torch.randperm(N, generator=self.generator, device=self.device)
             for i in range(0, N, mb):
-                rows = perm[i : i + mb]
+                # torchrun: this rank's share of the mini-batch; its token means weighted by its share of the
+                # mini-batch's tokens (x W: gradients are averaged over ranks) sum to the whole mini-batch's
+                rows = rank_rows(perm[i : i + mb])
+                share = mask[rows].sum() / mask[perm[i : i + mb]].sum().clamp(min=1) if self.info.enabled else 1.0
                 sub = rollout.select(rows)
                 lp, values = self._forward(sub)
                 m = mask[rows]
@@ -281,15 +306,16 @@ class PPOTrainer:
                     raise FloatingPointError(f"PPO loss is {loss.item()} at step {self.step} (policy {pg_loss.item()},"
                                              f" value {vf_loss.item()})")
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                gn = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip else float("inf"))
+                (loss * (share * self.info.world_size)).backward()
+                average_gradients(params)  # ddp and the value head under torchrun (FSDP reduced the policy's)
+                gn = clip_grad_norm(params, c.grad_clip)
                 self.optimizer.step()
-                stats["policy_loss"].append(pg_loss.item())
-                stats["value_loss"].append(vf_loss.item())
-                stats["clip_frac"].append(pg_stats["clip_frac"].item())
-                stats["approx_kl"].append(pg_stats["approx_kl"].item())
-                stats["vf_clip_frac"].append(vf_stats["vf_clip_frac"].item())
-                stats["grad_norm"].append(float(gn))
+                st = all_reduce_stats({"policy_loss": pg_loss.item() * share, "value_loss": vf_loss.item() * share,
+                                       "clip_frac": pg_stats["clip_frac"].item() * share,
+                                       "approx_kl": pg_stats["approx_kl"].item() * share,
+                                       "vf_clip_frac": vf_stats["vf_clip_frac"].item() * share})
+                for k, v in {**st, "grad_norm": gn}.items():
+                    stats[k].append(float(v))
         mean_kl = (kl.sum(-1)).mean().item()  # per-response KL(π_old‖π_ref) estimate
         self.kl_ctl.update(mean_kl, N)
         self.step += 1
@@ -300,13 +326,14 @@ class PPOTrainer:
 
     # -------------------------------------------------------------------------------------------- checkpoints
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Model + value head tensors (saved as the checkpoint's model.safetensors)."""
-        state = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        """Model + value head tensors (saved as the checkpoint's model.safetensors); full tensors (under FSDP
+        gathered: every rank calls this)."""
+        state = {f"model.{k}": v for k, v in full_state_dict(self.model).items()}
         state.update({f"value_head.{k}": v for k, v in self.value_head.state_dict().items()})
         return state
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
+        load_full_state_dict(self.model, {k[6:]: v for k, v in state.items() if k.startswith("model.")})
         self.value_head.load_state_dict({k[11:]: v for k, v in state.items() if k.startswith("value_head.")})
 
     def trainer_state(self) -> dict[str, Any]:

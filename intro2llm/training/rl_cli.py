@@ -46,6 +46,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("--no-tensorboard", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (under torchrun: this rank's GPU)")
+    p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"],
+                   help="under torchrun: ddp (replicas, gradients all-reduced) or fsdp (FSDP2 shards); every rank "
+                        "samples the whole rollout and trains on its share of the groups; fsdp needs >= 2 processes")
+    p.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                   help="longest wait of any collective for the other ranks; default $INTRO2LLM_DIST_TIMEOUT or 600")
 
 
 def register(subparsers) -> None:  # noqa: ANN001 - argparse's private subparsers type
@@ -99,14 +105,26 @@ def _synthetic_config(args):  # noqa: ANN001, ANN202
 
 
 def run(args: argparse.Namespace, cmd: str) -> int:
-    """Handler of ``intro2llm ppo|grpo``; returns the exit code."""
-    try:
-        return _run(args, cmd)
-    except (ValueError, OSError, FloatingPointError) as exc:
-        return _fail(cmd, str(exc))
+    """Handler of ``intro2llm ppo|grpo``; returns the exit code. Under torchrun every rank runs it (see
+    ``distributed.run_in_process_group``); rank 0 alone logs, writes checkpoints, evaluates and exports."""
+    import os
+
+    if args.strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return _fail(cmd, "--strategy fsdp shards the model over several processes, but this is one process: "
+                          f"launch with 'torchrun --nproc_per_node N -m intro2llm {cmd} ...' (N >= 2), or drop "
+                          "--strategy fsdp")
+    from intro2llm.training.distributed import run_in_process_group
+
+    def body(info) -> int:  # noqa: ANN001 - a DistInfo
+        try:
+            return _run(args, cmd, info)
+        except (ValueError, OSError, FloatingPointError) as exc:
+            return _fail(cmd, str(exc))
+
+    return run_in_process_group(body, args.device, args.dist_timeout)
 
 
-def _run(args: argparse.Namespace, cmd: str) -> int:
+def _run(args: argparse.Namespace, cmd: str, info) -> int:  # noqa: ANN001 - a DistInfo
     import torch
     from tqdm import tqdm
 
@@ -116,6 +134,13 @@ def _run(args: argparse.Namespace, cmd: str) -> int:
     from intro2llm.model.causal_lm import CausalLM
     from intro2llm.training import rl
     from intro2llm.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+    from intro2llm.training.distributed import (
+        barrier,
+        full_state_dict,
+        gathered_params,
+        is_sharded,
+        load_full_state_dict,
+    )
     from intro2llm.training.logging import MetricsLogger
 
     ckpt, out = Path(args.ckpt), Path(args.out)
@@ -179,7 +204,8 @@ def _run(args: argparse.Namespace, cmd: str) -> int:
         if ds is None:
             return _fail(cmd, f"--num-generations must be >= 2 (a group needs two responses), got "
                               f"{args.num_generations}")
-        trainer = GRPOTrainer(model, tok, fns, ds, cfg, reward_weights=weights, stop_token_ids=stops, encode=encode)
+        trainer = GRPOTrainer(model, tok, fns, ds, cfg, reward_weights=weights, stop_token_ids=stops, encode=encode,
+                              strategy=args.strategy, dist_info=info)
     else:
         from intro2llm.training.ppo_trainer import PPOConfig, PPOTrainer
 
@@ -189,16 +215,20 @@ def _run(args: argparse.Namespace, cmd: str) -> int:
                         vf_coef=args.vf_coef, gamma=args.gamma, lam=args.lam, ppo_epochs=args.ppo_epochs,
                         num_minibatches=args.num_minibatches, seed=args.seed)
         trainer = PPOTrainer(model, tok, fns, train_prompts, cfg, reward_weights=weights, stop_token_ids=stops,
-                             encode=encode)
-    out.mkdir(parents=True, exist_ok=True)
-    logger = MetricsLogger(out, tensorboard=not args.no_tensorboard, wandb=False,
+                             encode=encode, strategy=args.strategy, dist_info=info)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    logger = MetricsLogger(out, enabled=info.is_main, tensorboard=not args.no_tensorboard, wandb=False,
                            run_config={"command": cmd, **vars(args), "func": None})
 
     def evaluate() -> dict[str, float]:
+        """Greedy held-out score. Under torchrun every rank runs the same greedy decode (under FSDP each forward
+        of the gathered model still passes FSDP's hooks, collectives the ranks must enter together)."""
         if args.eval_prompts <= 0:
             return {}
-        return rl.evaluate_synthetic(model, tok, eval_prompts, max_new_tokens=args.max_new_tokens, encode=encode,
-                                     stop_token_ids=stops)
+        with gathered_params(trainer.model) as full:
+            return rl.evaluate_synthetic(full, tok, eval_prompts, max_new_tokens=args.max_new_tokens, encode=encode,
+                                         stop_token_ids=stops)
 
     summary: dict = {"command": cmd, "ckpt": str(ckpt)}
     if args.resume:
@@ -207,23 +237,30 @@ def _run(args: argparse.Namespace, cmd: str) -> int:
         except CheckpointError as exc:
             return _fail(cmd, str(exc))
         trainer.load_trainable_state(ck.model_state)
-        trainer.optimizer.load_state_dict(ck.optimizer_state)
+        load_full_state_dict(trainer.optimizer, ck.optimizer_state)
         trainer.load_trainer_state(ck.trainer_state)
         summary.update(ck.trainer_state.get("summary", {}))
         logger.truncate_after(trainer.step)
-        print(f"resumed from step {trainer.step}", file=sys.stderr)
+        if info.is_main:
+            print(f"resumed from step {trainer.step}", file=sys.stderr)
     else:
         t0 = time.perf_counter()
         summary["eval_before"] = evaluate()
         summary["eval_seconds"] = round(time.perf_counter() - t0, 1)
-        print(f"{cmd}: held-out before training: {summary['eval_before']}", file=sys.stderr)
+        if info.is_main:
+            print(f"{cmd}: held-out before training: {summary['eval_before']}", file=sys.stderr)
 
     def save() -> None:
-        save_checkpoint(ck_root, trainer.step, trainer.trainable_state(), trainer.optimizer.state_dict(),
-                        {**trainer.trainer_state(), "summary": summary}, keep_last=args.keep)
+        # full tensors (FSDP: gathered, a collective), written by rank 0: the checkpoint loads under any strategy
+        state, optim = trainer.trainable_state(), full_state_dict(trainer.optimizer)
+        if info.is_main:
+            save_checkpoint(ck_root, trainer.step, state, optim, {**trainer.trainer_state(), "summary": summary},
+                            keep_last=args.keep)
+        barrier()
 
     t0 = time.perf_counter()
-    bar = tqdm(total=args.steps, initial=trainer.step, disable=args.no_progress, desc=cmd, dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=trainer.step, disable=args.no_progress or not info.is_main, desc=cmd,
+               dynamic_ncols=True)
     rewards = []
     try:
         while trainer.step < args.steps:
@@ -249,8 +286,15 @@ def _run(args: argparse.Namespace, cmd: str) -> int:
     summary.update(steps=trainer.step, train_seconds=round(train_seconds, 1),
                    first_rewards=summary.get("first_rewards", rewards[:5]), last_rewards=rewards[-5:])
     logger.close()
-    export_model(model, out, tok, template=tname)  # + tokenizer files (ours, HF's, chat template, generation)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(json.dumps({k: summary[k] for k in ("eval_before", "eval_after", "steps", "train_seconds")
-                      if k in summary}))
+    final = model
+    if is_sharded(trainer.model):  # FSDP: all-gather the full weights (every rank), rank 0 exports a plain copy
+        state = full_state_dict(trainer.model)
+        if info.is_main:
+            final = CausalLM(model.config)
+            final.load_state_dict(state)
+    if info.is_main:
+        export_model(final, out, tok, template=tname)  # + tokenizer files (ours, HF's, chat template, generation)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        print(json.dumps({k: summary[k] for k in ("eval_before", "eval_after", "steps", "train_seconds")
+                          if k in summary}))
     return 0
