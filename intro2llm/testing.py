@@ -33,6 +33,14 @@ def dtypes_for(backend: str, device: str | torch.device = "cpu") -> list[torch.d
     return [torch.float32, torch.float16, torch.bfloat16]
 
 
+def randn_tensors(*shapes: Sequence[int], dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                  seed: int = 0) -> list[torch.Tensor]:
+    """Standard-normal tensors of ``shapes``, drawn in order from one CPU generator seeded with ``seed`` (the same
+    values on every device), then moved to ``device`` and ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g).to(device, dtype) for shape in shapes]
+
+
 def output_and_grads(fn, inputs: Sequence[torch.Tensor], grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``fn(*inputs)`` on fresh leaf copies of ``inputs``, then backward with ``grad_out``: (output, the gradient of
     each input) — the tuple a parity test compares between a backend and the reference."""

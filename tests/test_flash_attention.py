@@ -13,7 +13,7 @@ import intro2llm.ops as ops
 from intro2llm.ops import BackendUnavailableError
 from intro2llm.ops._dispatch import extension_error
 from intro2llm.ops.flash_attention import attention_mask
-from intro2llm.testing import assert_compiled_matches, backends_for
+from intro2llm.testing import assert_compiled_matches, backends_for, randn_tensors
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FAST = [b for b in backends_for(DEVICE, ("reference", "triton", "cpp", "cuda")) if b != "reference"]
@@ -64,12 +64,9 @@ def _ids(cases):
 
 
 def _inputs(B, H, Hkv, Tq, Tk, D, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, Tq, D, generator=g).to(DEVICE, dtype)
-    k = torch.randn(B, Hkv, Tk, D, generator=g).to(DEVICE, dtype)
-    v = torch.randn(B, Hkv, Tk, D, generator=g).to(DEVICE, dtype)
-    do = torch.randn(B, H, Tq, D, generator=g).to(DEVICE, dtype)
-    return q, k, v, do
+    """q, k, v and the upstream gradient of the output."""
+    q_shape, kv_shape = (B, H, Tq, D), (B, Hkv, Tk, D)
+    return randn_tensors(q_shape, kv_shape, kv_shape, q_shape, dtype=dtype, device=DEVICE, seed=seed)
 
 
 def _run(fn, q, k, v, do):

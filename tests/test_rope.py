@@ -1,22 +1,13 @@
 """apply_rope: every backend against the reference (outputs + gradients of q, k, cos, sin), the Hugging Face
 Llama oracle, GQA, per-batch tables (decoding offsets / left padding), strided inputs, opcheck, compile, bad input.
-
-Triton runs through the interpreter on CPU (TRITON_INTERPRET=1 is set below when there is no GPU, before the
-kernels import triton); bf16 Triton runs on GPU only (the interpreter computes bf16 wrongly).
 """
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-import intro2llm.ops as ops  # noqa: E402
-from intro2llm.ops._dispatch import extension_error  # noqa: E402
-from intro2llm.testing import assert_close_to_exact, assert_compiled_matches, backends_for, dtypes_for  # noqa: E402
+import intro2llm.ops as ops
+from intro2llm.ops._dispatch import extension_error
+from intro2llm.testing import assert_close_to_exact, assert_compiled_matches, backends_for, dtypes_for, randn_tensors
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FAST = [b for b in backends_for(DEVICE) if b != "reference"]
@@ -49,12 +40,9 @@ def _tables(B, T, D, kind, seed=0, offsets=None):
 
 
 def _inputs(B, H, Hkv, T, D, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, T, D, generator=g).to(DEVICE, dtype)
-    k = torch.randn(B, Hkv, T, D, generator=g).to(DEVICE, dtype)
-    dq = torch.randn(B, H, T, D, generator=g).to(DEVICE, dtype)
-    dk = torch.randn(B, Hkv, T, D, generator=g).to(DEVICE, dtype)
-    return q, k, dq, dk
+    """q, k and the upstream gradients of both outputs."""
+    q_shape, k_shape = (B, H, T, D), (B, Hkv, T, D)
+    return randn_tensors(q_shape, k_shape, q_shape, k_shape, dtype=dtype, device=DEVICE, seed=seed)
 
 
 def _run(fn, q, k, cos, sin, dq, dk, table_grad=False):

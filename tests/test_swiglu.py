@@ -1,29 +1,14 @@
 """swiglu / geglu: every backend against the reference (output + both gradients), torch.nn.functional as the
 oracle (silu, gelu with approximate "none" and "tanh"), strided inputs, opcheck, compile, bad input.
-
-Triton runs through the interpreter on CPU (TRITON_INTERPRET=1 is set below when there is no GPU, before the
-kernels import triton); bf16 Triton runs on GPU only (the interpreter computes bf16 wrongly).
 """
 
-import os
-
+import pytest
 import torch
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import intro2llm.ops as ops  # noqa: E402
-from intro2llm.ops._dispatch import extension_error  # noqa: E402
-from intro2llm.testing import (  # noqa: E402
-    assert_close_to_exact,
-    assert_compiled_matches,
-    backends_for,
-    dtypes_for,
-    output_and_grads,
-)
+import intro2llm.ops as ops
+from intro2llm.ops._dispatch import extension_error
+from intro2llm.testing import assert_close_to_exact, assert_compiled_matches, backends_for, dtypes_for, output_and_grads
 
 # tl.sigmoid(-100) overflows exp in the CPU interpreter's numpy (to inf, giving the right 0): not a failure
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
