@@ -347,6 +347,11 @@ def test_shared_prompt_forward_equals_the_plain_forward():
     # rows whose groups do not share a prompt take the plain path (same result)
     mixed = r.select(torch.tensor([0, 4, 1, 5]))
     torch.testing.assert_close(rl.response_logprobs(model, mixed, 0.9, group_size=2), a[[0, 4, 1, 5]])
+    # the hidden states PPO's value head reads (its no-grad pass over the whole rollout shares the prompt too)
+    with torch.no_grad():
+        _, h_plain = rl.response_logprobs(model, r, 0.9, return_hidden=True)
+        _, h_shared = rl.response_logprobs(model, r, 0.9, return_hidden=True, group_size=4)
+    torch.testing.assert_close(h_shared, h_plain, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "softmax_weighted"])

@@ -252,8 +252,11 @@ class PPOTrainer:
         total, _ = compute_rewards(self.reward_fns, rollout.prompts, rollout.completions, self.reward_weights)
         return total.to(self.device)
 
-    def _forward(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-        lp, h = response_logprobs(self.model, rollout, self.config.temperature, return_hidden=True)
+    def _forward(self, rollout: Rollout, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs and values of the responses; ``group_size``: rows come in groups sharing one prompt (the
+        whole rollout; not the shuffled mini-batches), whose prompt then runs once per group."""
+        lp, h = response_logprobs(self.model, rollout, self.config.temperature, return_hidden=True,
+                                  group_size=group_size)
         return lp, self.value_head(h)  # (N, Tr) each
 
     # -------------------------------------------------------------------------------------------- one step
@@ -271,9 +274,9 @@ class PPOTrainer:
         # no-grad forward of the policy left its root unsharded, the next backward lost the root's gradients)
         with torch.no_grad(), gathered_params(self.model):
             self.model.eval()
-            _, old_values = self._forward(rollout)
+            _, old_values = self._forward(rollout, group_size=c.samples_per_prompt)
             if self.ref_model is not None:
-                ref_lp = response_logprobs(self.ref_model, rollout, c.temperature)
+                ref_lp = response_logprobs(self.ref_model, rollout, c.temperature, group_size=c.samples_per_prompt)
                 kl = kl_k1(old_lp, ref_lp) * mask  # per-token KL estimate on the sampled tokens
             else:
                 kl = torch.zeros_like(old_lp)
