@@ -41,7 +41,7 @@ SYNTHETIC_MIX = dict(ops=("+", "+", "-", "*"), min_digits=1, max_digits=2)
 
 
 def register(subparsers) -> None:  # noqa: ANN001 - argparse's private subparsers type
-    from intro2llm.training.sft_cli import add_command, add_schedule_args
+    from intro2llm.training.sft_cli import add_command, add_dist_args, add_schedule_args
 
     p = add_command(subparsers, "train",
                     summary="pretrain a model (default: nano on synthetic arithmetic, ~1.5 min on 2 CPU cores)",
@@ -67,12 +67,7 @@ def register(subparsers) -> None:  # noqa: ANN001 - argparse's private subparser
     p.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"],
-                   help="multi-process wrapping under torchrun: ddp (replicas) or fsdp (FSDP2 shards; sharded "
-                        "checkpoints); fsdp needs >= 2 processes")
-    p.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
-                   help="longest wait of any collective for the other ranks (a dead rank -> error after this); "
-                        "default $INTRO2LLM_DIST_TIMEOUT or 600")
+    add_dist_args(p)  # --strategy ddp|fsdp, --dist-timeout
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary for stdlib/text data")
     p.add_argument("--max-bytes", type=int, default=8_000_000, help="text bytes read for stdlib/text data")
@@ -235,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from intro2llm.training.checkpoint import latest_checkpoint
-    from intro2llm.training.distributed import cleanup_distributed, init_distributed
+    from intro2llm.training.distributed import run_in_process_group
 
     for name in ("steps", "batch_size", "seq_len", "keep"):
         if getattr(args, name) < 1:
@@ -245,11 +240,10 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and not (math.isfinite(value) and (value > 0 if low is None else value >= low)):
             need = "> 0" if low is None else f">= {low:g}"
             return _fail(f"--{name.replace('_', '-')} must be a finite number {need}, got {value}")
-    if args.strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        return _fail("--strategy fsdp shards the model over several processes, but this is one process: launch with "
-                     "'torchrun --nproc_per_node N -m intro2llm train ...' (N >= 2), or drop --strategy fsdp")
-    if args.dist_timeout is not None and not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
-        return _fail(f"--dist-timeout must be a finite number of seconds > 0, got {args.dist_timeout}")
+    from intro2llm.training.sft_cli import check_launch
+
+    if (err := check_launch(args, "train")) is not None:
+        return _fail(err)
     bad_device = _check_device(args.device, torch)
     if bad_device:
         return _fail(bad_device)
@@ -264,14 +258,8 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"--resume: no checkpoint found in {ckpts} (expected {ckpts}/step_*/)")
     elif latest_checkpoint(out / "checkpoints") is not None:
         return _fail(f"{out} already holds checkpoints of a run; pass --resume to continue it, or choose another --out")
-    info = init_distributed(args.device, timeout=args.dist_timeout)
-    rc = 1
-    try:
-        rc = _train(args, info, out)
-    finally:
-        # _train's locals (the DDP model, the trainer) are gone by now: see cleanup_distributed for why it matters
-        cleanup_distributed(synchronize=rc == 0)
-    return rc
+    # _train runs in its own frame: its locals (the wrapped model, the trainer) are gone before the group is left
+    return run_in_process_group(lambda info: _train(args, info, out), args.device, args.dist_timeout)
 
 
 def _train(args: argparse.Namespace, info: DistInfo, out: Path) -> int:

@@ -26,6 +26,7 @@ from intro2llm.training.sft_cli import (
     add_run_args,
     add_schedule_args,
     check_at_least_one,
+    check_launch,
     check_out_dir,
     train_timed,
 )
@@ -89,13 +90,21 @@ def synthetic_split(num_train: int, num_eval: int, seed: int):  # noqa: ANN201
 
 
 def run(args: argparse.Namespace) -> int:
-    """Handler of ``intro2llm dpo``; returns the exit code."""
-    from pathlib import Path
-
+    """Handler of ``intro2llm dpo``; returns the exit code. Under torchrun every rank runs it (``--strategy``)."""
     if (err := check_at_least_one(args, ("steps", "batch_size", "max_length", "num_train"))) is not None:
         return _fail(err)
     if args.beta <= 0:
         return _fail(f"--beta must be > 0, got {args.beta}")
+    if (err := check_launch(args, "dpo")) is not None:
+        return _fail(err)
+    from intro2llm.training.distributed import run_in_process_group
+
+    return run_in_process_group(lambda info: _run(args, info), args.device, args.dist_timeout)
+
+
+def _run(args: argparse.Namespace, info) -> int:  # noqa: ANN001 - a DistInfo
+    from pathlib import Path
+
     import torch
 
     from intro2llm.data import chat
@@ -135,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
         eval_ds = DPODataset(eval_rows, tokenizer, template, **kw) if eval_rows else None
     except (ValueError, TypeError, OSError) as exc:
         return _fail(str(exc))
-    print(f"dpo: template {template.name} (added tokens {added or 'none'}), data {ds.stats}", file=sys.stderr)
+    if info.is_main:
+        print(f"dpo: template {template.name} (added tokens {added or 'none'}), data {ds.stats}", file=sys.stderr)
     torch.manual_seed(args.seed)
     from intro2llm.training.peft_args import apply_peft_args, peft_requested
 
@@ -152,42 +162,52 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, grad_clip=args.grad_clip or None, precision=args.precision,
         eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep, out_dir=str(out),
         progress=not args.no_progress, tensorboard=not args.no_tensorboard, device=args.device,
+        strategy=args.strategy,
         extra={"stage": "dpo", "ckpt": args.ckpt, "data": args.data, "template": template.name, "seed": args.seed,
                "loss_type": args.loss_type, "beta": args.beta, "label_smoothing": args.label_smoothing,
                "reference": "none" if args.reference_free else "precomputed" if args.precompute_ref else "frozen"},
     )
+    accuracy = held is not None and args.accuracy_samples > 0
+    # greedy exact match on rank 0 only, from an unsharded model: before training the policy as loaded (measured
+    # before Trainer shards it), after training trainer.raw_model (under FSDP the consolidated copy on rank 0)
+    acc_before = chat_accuracy(model, tokenizer, template, held) if accuracy and info.is_main and not args.resume \
+        else None
     try:
         trainer = DPOTrainer(model, tc, ds, ref_model, beta=args.beta, loss_type=args.loss_type,
                              label_smoothing=args.label_smoothing, reference_free=args.reference_free,
                              precompute_ref=args.precompute_ref, eval_dataset=eval_ds, tokenizer=tokenizer,
-                             seed=args.seed)
+                             seed=args.seed, dist_info=info)
     except ValueError as exc:
         return _fail(str(exc))
 
     def measure(tag: str) -> dict:
         res = {}
-        if eval_ds is not None:
+        if eval_ds is not None:  # every rank: the forwards of the sharded/replicated policy run in step
             m = trainer.preference_metrics(eval_ds)
             res[f"eval_{tag}"] = {k: round(v, 5) for k, v in m.items()}
-        if held is not None and args.accuracy_samples > 0:
-            res[f"accuracy_{tag}"] = chat_accuracy(trainer.raw_model, tokenizer, template, held)
+        if accuracy and info.is_main:
+            res[f"accuracy_{tag}"] = acc_before if tag == "before" else \
+                chat_accuracy(trainer.raw_model, tokenizer, template, held)
         return res
 
     summary: dict = {"template": template.name, "data": ds.stats}
     before_file = out / "summary_before.json"
     if args.resume:
         try:
-            print(f"resumed from step {trainer.resume(out)}", file=sys.stderr)
+            step = trainer.resume(out)
         except CheckpointError as exc:
             return _fail(str(exc))
+        if info.is_main:
+            print(f"resumed from step {step}", file=sys.stderr)
         if before_file.exists():
             summary.update(json.loads(before_file.read_text()))
     else:
         summary.update(measure("before"))
-        out.mkdir(parents=True, exist_ok=True)
-        before_file.write_text(json.dumps({k: v for k, v in summary.items() if k.endswith("_before")}))
-        print(f"before DPO: {json.dumps({k: v for k, v in summary.items() if k.endswith('_before')})}",
-              file=sys.stderr)
+        if info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            before_file.write_text(json.dumps({k: v for k, v in summary.items() if k.endswith("_before")}))
+            print(f"before DPO: {json.dumps({k: v for k, v in summary.items() if k.endswith('_before')})}",
+                  file=sys.stderr)
     try:
         hist = train_timed(trainer, summary)
     except (NonFiniteLossError, CheckpointError) as exc:
@@ -197,8 +217,9 @@ def run(args: argparse.Namespace) -> int:
     summary.update(measure("after"))
     if "accuracy_after" in summary:
         summary["accuracy_task"] = f"2-digit addition, {len(held)} held-out problems, greedy exact match"
-    from intro2llm._io import atomic_write
+    if info.is_main:
+        from intro2llm._io import atomic_write
 
-    atomic_write(out / "summary.json", json.dumps(summary, indent=1) + "\n")
-    print(json.dumps(summary))
+        atomic_write(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+        print(json.dumps(summary))
     return 0

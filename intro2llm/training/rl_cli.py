@@ -47,11 +47,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("--no-tensorboard", action="store_true")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto (under torchrun: this rank's GPU)")
-    p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"],
-                   help="under torchrun: ddp (replicas, gradients all-reduced) or fsdp (FSDP2 shards); every rank "
-                        "samples the whole rollout and trains on its share of the groups; fsdp needs >= 2 processes")
-    p.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
-                   help="longest wait of any collective for the other ranks; default $INTRO2LLM_DIST_TIMEOUT or 600")
+    from intro2llm.training.sft_cli import add_dist_args
+
+    add_dist_args(p)  # --strategy ddp|fsdp (every rank samples the whole rollout, trains on its share), --dist-timeout
 
 
 def register(subparsers) -> None:  # noqa: ANN001 - argparse's private subparsers type
@@ -107,12 +105,10 @@ def _synthetic_config(args):  # noqa: ANN001, ANN202
 def run(args: argparse.Namespace, cmd: str) -> int:
     """Handler of ``intro2llm ppo|grpo``; returns the exit code. Under torchrun every rank runs it (see
     ``distributed.run_in_process_group``); rank 0 alone logs, writes checkpoints, evaluates and exports."""
-    import os
+    from intro2llm.training.sft_cli import check_launch
 
-    if args.strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        return _fail(cmd, "--strategy fsdp shards the model over several processes, but this is one process: "
-                          f"launch with 'torchrun --nproc_per_node N -m intro2llm {cmd} ...' (N >= 2), or drop "
-                          "--strategy fsdp")
+    if (err := check_launch(args, cmd)) is not None:
+        return _fail(cmd, err)
     from intro2llm.training.distributed import run_in_process_group
 
     def body(info) -> int:  # noqa: ANN001 - a DistInfo

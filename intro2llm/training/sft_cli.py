@@ -103,6 +103,30 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-tensorboard", action="store_true")
+    add_dist_args(p)
+
+
+def add_dist_args(p: argparse.ArgumentParser) -> None:
+    """``--strategy`` and ``--dist-timeout``, for every command that trains under torchrun."""
+    p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"],
+                   help="multi-process wrapping under torchrun: ddp (replicas) or fsdp (FSDP2 shards); fsdp needs "
+                        ">= 2 processes")
+    p.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                   help="longest wait of any collective for the other ranks (a dead rank -> error after this); "
+                        "default $INTRO2LLM_DIST_TIMEOUT or 600")
+
+
+def check_launch(args: argparse.Namespace, command: str) -> str | None:
+    """The error message when ``--strategy fsdp`` runs without torchrun or ``--dist-timeout`` is not > 0."""
+    import math
+    import os
+
+    if args.strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return ("--strategy fsdp shards the model over several processes, but this is one process: launch with "
+                f"'torchrun --nproc_per_node N -m intro2llm {command} ...' (N >= 2), or drop --strategy fsdp")
+    if args.dist_timeout is not None and not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
+        return f"--dist-timeout must be a finite number of seconds > 0, got {args.dist_timeout}"
+    return None
 
 
 def check_at_least_one(args: argparse.Namespace, names: tuple[str, ...]) -> str | None:
@@ -152,13 +176,21 @@ def synthetic_split(num_train: int, num_eval: int, seed: int, system: str | None
 
 
 def run(args: argparse.Namespace) -> int:
-    """Handler of ``intro2llm sft``; returns the exit code."""
+    """Handler of ``intro2llm sft``; returns the exit code. Under torchrun every rank runs it (``--strategy``)."""
+    if (err := check_at_least_one(args, ("steps", "batch_size", "max_length", "num_train"))) is not None:
+        return _fail(err)
+    if (err := check_launch(args, "sft")) is not None:
+        return _fail(err)
+    from intro2llm.training.distributed import run_in_process_group
+
+    return run_in_process_group(lambda info: _run(args, info), args.device, args.dist_timeout)
+
+
+def _run(args: argparse.Namespace, info) -> int:  # noqa: ANN001 - a DistInfo
     from pathlib import Path
 
     from intro2llm.data import chat
 
-    if (err := check_at_least_one(args, ("steps", "batch_size", "max_length", "num_train"))) is not None:
-        return _fail(err)
     try:
         template = chat.get_template(args.template)
     except ValueError as exc:
@@ -214,7 +246,8 @@ def run(args: argparse.Namespace) -> int:
             print(render_mask(tokenizer, ds[i], color=sys.stdout.isatty()))
         print(json.dumps({"template": template.name, "added_special_tokens": added, **ds.stats}))
         return 0
-    print(f"sft: template {template.name} (added tokens {added or 'none'}), data {ds.stats}", file=sys.stderr)
+    if info.is_main:
+        print(f"sft: template {template.name} (added tokens {added or 'none'}), data {ds.stats}", file=sys.stderr)
     torch.manual_seed(args.seed)
     tc = TrainerConfig(
         steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, lr=args.lr,
@@ -222,22 +255,28 @@ def run(args: argparse.Namespace) -> int:
         optimizer=args.optimizer, weight_decay=args.weight_decay, grad_clip=args.grad_clip or None,
         precision=args.precision, eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep,
         out_dir=str(out), progress=not args.no_progress, tensorboard=not args.no_tensorboard, device=args.device,
+        strategy=args.strategy,
         extra={"stage": "sft", "ckpt": args.ckpt, "data": args.data, "template": template.name, "seed": args.seed,
                "max_length": args.max_length, "packing": args.packing, "truncation": args.truncation},
     )
+    summary: dict = {"template": template.name, "data": ds.stats}
+    # greedy exact match on rank 0, from unsharded models: the loaded one (before Trainer shards it under FSDP)
+    # and after training trainer.raw_model (under FSDP the consolidated copy on rank 0)
+    accuracy = held is not None and args.accuracy_samples > 0 and info.is_main
+    if accuracy and not args.resume:
+        summary["accuracy_before"] = chat_accuracy(model, tokenizer, template, held)
+        print(f"held-out 2-digit addition exact match before SFT: {summary['accuracy_before']:.3f}", file=sys.stderr)
     try:
-        trainer = SFTTrainer(model, tc, ds, eval_dataset=eval_ds, tokenizer=tokenizer, seed=args.seed)
+        trainer = SFTTrainer(model, tc, ds, eval_dataset=eval_ds, tokenizer=tokenizer, seed=args.seed, dist_info=info)
     except ValueError as exc:
         return _fail(str(exc))
-    summary: dict = {"template": template.name, "data": ds.stats}
-    if held is not None and args.accuracy_samples > 0 and not args.resume:
-        summary["accuracy_before"] = chat_accuracy(trainer.raw_model, tokenizer, template, held)
-        print(f"held-out 2-digit addition exact match before SFT: {summary['accuracy_before']:.3f}", file=sys.stderr)
     if args.resume:
         try:
-            print(f"resumed from step {trainer.resume(out)}", file=sys.stderr)
+            step = trainer.resume(out)
         except CheckpointError as exc:
             return _fail(str(exc))
+        if info.is_main:
+            print(f"resumed from step {step}", file=sys.stderr)
         prev = out / "summary_before.json"
         if prev.exists():
             summary.update(json.loads(prev.read_text()))
@@ -250,11 +289,12 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     if trainer.last_eval is not None:
         summary["eval_loss"] = round(trainer.last_eval, 4)
-    if held is not None and args.accuracy_samples > 0:
+    if accuracy:
         summary["accuracy"] = chat_accuracy(trainer.raw_model, tokenizer, template, held)
         summary["accuracy_task"] = f"2-digit addition, {len(held)} held-out problems, greedy exact match"
-    from intro2llm._io import atomic_write
+    if info.is_main:
+        from intro2llm._io import atomic_write
 
-    atomic_write(out / "summary.json", json.dumps(summary, indent=1) + "\n")
-    print(json.dumps(summary))
+        atomic_write(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+        print(json.dumps(summary))
     return 0
