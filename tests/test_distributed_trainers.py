@@ -1,6 +1,7 @@
 """Every post-training command under torchrun (gloo, CPU, 2 processes) x strategy (ddp, fsdp): exit code 0, one
 metrics line per step from rank 0, and the losses and gradient norms of one process (issue 21). Pretraining is
-covered by test_distributed.py (ddp) and test_fsdp.py (fsdp).
+covered by test_distributed.py (ddp) and test_fsdp.py (fsdp); SFT here replaces test_fsdp's former SFTTrainer
+script test.
 
 Regression tests of bugs found on the way: DPO read the LM head weight before the forward (under FSDP the DTensor
 shard: "fused_linear_logprobs_fwd got mixed torch.Tensor and DTensor"); PPO's no-grad value forward left the FSDP
@@ -109,6 +110,7 @@ def test_command_under_torchrun_equals_one_process(cmd, strategy, ckpt, one_proc
     assert sum(line.startswith("{") for line in proc.stdout.splitlines()) == 1  # the summary is printed once
     if cmd in ("sft", "dpo"):  # greedy accuracy before/after on rank 0 (FSDP: from unsharded models)
         assert 0.0 <= summary["accuracy" if cmd == "sft" else "accuracy_after"] <= 1.0
+        assert (out / "tokenizer_config.json").is_file()  # rank 0 exported the chat template too
     else:
         assert "accuracy" in summary["eval_after"]
 

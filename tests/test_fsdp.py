@@ -170,52 +170,6 @@ def test_two_launchers_multi_node_lion_equals_one_process(config, tmp_path):
                         range(1, STEPS + 1))
 
 
-_SFT = """
-import json, sys
-import torch
-from intro2llm.data import synthetic
-from intro2llm.evaluation.cli import load_checkpoint
-from intro2llm.data.sft_dataset import SFTDataset, rows_from_pairs
-from intro2llm.training.distributed import cleanup_distributed
-from intro2llm.training.sft_trainer import SFTTrainer
-from intro2llm.training.trainer import TrainerConfig
-
-base, out, strategy = sys.argv[1:4]
-torch.set_num_threads(1)
-model, tok = load_checkpoint(base)
-ds = SFTDataset(rows_from_pairs(synthetic.sft_pairs(32, seed=3)), tok, "plain")
-cfg = TrainerConfig(steps=4, batch_size=8, lr=3e-3, warmup_steps=1, grad_clip=0.3, progress=False, tensorboard=False,
-                    wandb=False, device="cpu", strategy=strategy, out_dir=out, save_every=0)
-trainer = SFTTrainer(model, cfg, ds)
-hist = trainer.train()
-if trainer.info.is_main:
-    print(json.dumps([h["loss"] for h in hist]))
-del trainer, model
-cleanup_distributed()
-"""
-
-
-def test_sft_trainer_under_fsdp_equals_one_process(runs, tmp_path):
-    """A post-training trainer inherits FSDP through Trainer: SFT from the FSDP run's export, 2 shards == 1 process,
-    and rank 0 exports the consolidated model with the chat template."""
-    script = tmp_path / "sft.py"
-    script.write_text(_SFT)
-    one = subprocess.run([sys.executable, str(script), str(runs["fsdp"]), str(tmp_path / "one"), "ddp"],
-                         capture_output=True, text=True, env=_env(), timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(runs["fsdp"]), str(tmp_path / "two"), "fsdp"]
-    two = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    l1, l2 = json.loads(one.stdout.splitlines()[-1]), json.loads(two.stdout.splitlines()[-1])
-    assert len(l1) == len(l2) == 4
-    assert l2 == pytest.approx(l1, abs=1e-5)
-    w1, w2 = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=0, msg=k)
-    assert (tmp_path / "two" / "tokenizer_config.json").is_file()
-
-
 _DIE = """
 import os, sys, time
 from intro2llm.training.trainer import Trainer
