@@ -1,7 +1,7 @@
 """Every post-training command under torchrun (gloo, CPU, 2 processes) x strategy (ddp, fsdp): exit code 0, one
 metrics line per step from rank 0, and the losses and gradient norms of one process (issue 21). Pretraining is
 covered by test_distributed.py (ddp) and test_fsdp.py (fsdp); SFT here replaces test_fsdp's former SFTTrainer
-script test.
+script test. PPO/GRPO FSDP checkpoints (full tensors) also resume in one process.
 
 Regression tests of bugs found on the way: DPO read the LM head weight before the forward (under FSDP the DTensor
 shard: "fused_linear_logprobs_fwd got mixed torch.Tensor and DTensor"); PPO's no-grad value forward left the FSDP
@@ -113,6 +113,13 @@ def test_command_under_torchrun_equals_one_process(cmd, strategy, ckpt, one_proc
         assert (out / "tokenizer_config.json").is_file()  # rank 0 exported the chat template too
     else:
         assert "accuracy" in summary["eval_after"]
+        if strategy == "fsdp":  # the RL checkpoint holds full tensors: it resumes in one process, same run
+            resumed = tmp_path / "resumed"
+            shutil.copytree(out, resumed)
+            shutil.rmtree(resumed / "checkpoints" / f"step_{STEPS:08d}")
+            (resumed / "model.safetensors").unlink()
+            assert main(_args(cmd, ckpt, resumed, "--resume")) == 0
+            _assert_same_run(one_process(cmd), resumed)
 
 
 def test_dpo_fsdp_resume_from_sharded_checkpoint(ckpt, one_process, tmp_path):
