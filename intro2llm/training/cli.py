@@ -270,6 +270,7 @@ def _train(args: argparse.Namespace, info: DistInfo, out: Path) -> int:
     from intro2llm.evaluation.accuracy import synthetic_accuracy
     from intro2llm.training.checkpoint import CheckpointError
     from intro2llm.training.pretrain_trainer import PretrainTrainer
+    from intro2llm.training.sft_cli import resume_trainer
     from intro2llm.training.trainer import NonFiniteLossError, TrainerConfig
 
     try:
@@ -311,12 +312,8 @@ def _train(args: argparse.Namespace, info: DistInfo, out: Path) -> int:
               f"global batch {args.batch_size} x {args.seq_len} tokens, {trainer.accum_steps} micro-batch(es) "
               "per step", file=sys.stderr)
     if args.resume:
-        try:
-            step = trainer.resume(out)
-        except CheckpointError as exc:
-            return _fail(str(exc))
-        if info.is_main:
-            print(f"resumed from step {step}", file=sys.stderr)
+        if (err := resume_trainer(trainer, out, info)) is not None:
+            return _fail(err)
     t0 = time.perf_counter()
     try:
         hist = trainer.train()

@@ -28,6 +28,7 @@ from intro2llm.training.sft_cli import (
     check_at_least_one,
     check_launch,
     check_out_dir,
+    resume_trainer,
     train_timed,
 )
 
@@ -193,12 +194,8 @@ def _run(args: argparse.Namespace, info) -> int:  # noqa: ANN001 - a DistInfo
     summary: dict = {"template": template.name, "data": ds.stats}
     before_file = out / "summary_before.json"
     if args.resume:
-        try:
-            step = trainer.resume(out)
-        except CheckpointError as exc:
-            return _fail(str(exc))
-        if info.is_main:
-            print(f"resumed from step {step}", file=sys.stderr)
+        if (err := resume_trainer(trainer, out, info)) is not None:
+            return _fail(err)
         if before_file.exists():
             summary.update(json.loads(before_file.read_text()))
     else:

@@ -129,6 +129,19 @@ def check_launch(args: argparse.Namespace, command: str) -> str | None:
     return None
 
 
+def resume_trainer(trainer, out, info) -> str | None:  # noqa: ANN001 - a Trainer, a Path, a DistInfo
+    """``trainer.resume(out)`` (every rank); rank 0 says the step. Returns the ``CheckpointError``'s message or None."""
+    from intro2llm.training.checkpoint import CheckpointError
+
+    try:
+        step = trainer.resume(out)
+    except CheckpointError as exc:
+        return str(exc)
+    if info.is_main:
+        print(f"resumed from step {step}", file=sys.stderr)
+    return None
+
+
 def check_at_least_one(args: argparse.Namespace, names: tuple[str, ...]) -> str | None:
     """The error message for the first of ``names`` below 1, else None."""
     for name in names:
@@ -271,12 +284,8 @@ def _run(args: argparse.Namespace, info) -> int:  # noqa: ANN001 - a DistInfo
     except ValueError as exc:
         return _fail(str(exc))
     if args.resume:
-        try:
-            step = trainer.resume(out)
-        except CheckpointError as exc:
-            return _fail(str(exc))
-        if info.is_main:
-            print(f"resumed from step {step}", file=sys.stderr)
+        if (err := resume_trainer(trainer, out, info)) is not None:
+            return _fail(err)
         prev = out / "summary_before.json"
         if prev.exists():
             summary.update(json.loads(prev.read_text()))
