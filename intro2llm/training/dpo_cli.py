@@ -3,6 +3,7 @@
     intro2llm dpo --ckpt runs/sft --data synthetic --out runs/dpo          # the lesson's run (minutes, 2 cores)
     intro2llm dpo --ckpt DIR --data prefs.jsonl --loss-type ipo --out DIR2 # {"prompt", "chosen", "rejected"} rows
     intro2llm dpo --ckpt runs/sft --out runs/dpo --resume                  # continue from the newest checkpoint
+    torchrun --standalone --nproc_per_node 2 -m intro2llm dpo --ckpt runs/sft --out runs/dpo2 --strategy fsdp
 
 ``--data synthetic`` builds (prompt, chosen, rejected) triples from ``intro2llm.data.synthetic.dpo_triples`` (the
 rejected answer is a plausible wrong one) on the SFT training mix, minus the held-out problems (2-digit additions

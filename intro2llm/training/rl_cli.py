@@ -3,6 +3,7 @@
     intro2llm grpo --ckpt /work/ckpt/sft --out runs/grpo                 # 2-digit addition, synthetic reward
     intro2llm ppo  --ckpt /work/ckpt/sft --out runs/ppo --steps 40
     intro2llm grpo --ckpt DIR --out runs/grpo --resume                   # continue from the newest checkpoint
+    torchrun --standalone --nproc_per_node 2 -m intro2llm grpo --ckpt DIR --out runs/g2 --strategy fsdp
 
 ``--ckpt`` is a Hugging Face-format directory (config.json, model.safetensors, tokenizer.json; a
 tokenizer_config.json written by ``intro2llm sft`` selects its chat template, whose end-of-turn token then stops
@@ -12,7 +13,9 @@ with a training seed, and a fixed held-out set (seed 10000) is scored greedily b
 ``DIR`` receives ``metrics.jsonl`` (one line per step: reward, kl, clip_frac, response_length, losses...), ``tb/``
 (TensorBoard), ``checkpoints/step_*/`` (model + value head + optimizer + sampler/RNG state, crash-safe, resumable)
 and at the end ``config.json`` + ``model.safetensors`` + ``tokenizer.json`` (``CausalLM.from_pretrained(DIR)``) and
-``summary.json``. This module imports no torch at the top level.
+``summary.json``. Under torchrun (``--strategy ddp|fsdp``) every rank samples the whole rollout and trains on its share
+of each mini-batch (same losses as one process); rank 0 alone logs, checkpoints (full tensors: they resume under
+any strategy and world size) and exports. This module imports no torch at the top level.
 """
 
 from __future__ import annotations
