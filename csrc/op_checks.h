@@ -109,6 +109,11 @@ inline void check_cross_entropy_grad_args(const at::Tensor& grad_loss, const at:
                     grad_loss.sizes(), " and lse ", lse.sizes(), " ", lse.scalar_type());
 }
 
+// An fp32 output with one value per row of logits (the forward's loss and lse).
+inline at::Tensor cross_entropy_row_output(const at::Tensor& logits) {
+  return at::empty({logits.size(0)}, logits.options().dtype(at::kFloat));
+}
+
 // The message of an out-of-range target (both devices say the same).
 inline void fail_target_out_of_range(int64_t target, int64_t pos, int64_t V, int64_t ignore_index, const char* op) {
   TORCH_CHECK_VALUE(false, op, ": target ", target, " at position ", pos, " is outside [0, ", V,

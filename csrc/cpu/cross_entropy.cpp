@@ -126,41 +126,45 @@ inline void row_backward(const float* x, int64_t t, float lse, float g, const Pa
   out[t] -= g * (1.f - p.eps);
 }
 
-template <typename scalar_t>
-void fwd_impl(const scalar_t* logits, const int64_t* targets, float* loss, float* lse, const Params& p) {
+// row_fn(i, buf) for every row i, rows split over threads; buf is a per-thread fp32 row buffer for half-precision
+// logits (empty for fp32).
+template <typename scalar_t, typename RowFn>
+void for_each_row(const Params& p, const RowFn& row_fn) {
   at::parallel_for(0, p.N, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : p.V);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t t = targets[i];
-      if (t == p.ignore_index) {  // loss 0; lse is not needed (the backward writes zeros for this row)
-        loss[i] = 0.f;
-        lse[i] = 0.f;
-        continue;
-      }
-      row_loss(row_as_float(const_cast<scalar_t*>(logits) + i * p.V, p.V, buf), t, p, loss + i, lse + i);
+    for (int64_t i = begin; i < end; ++i) row_fn(i, buf);
+  });
+}
+
+template <typename scalar_t>
+void fwd_impl(const scalar_t* logits, const int64_t* targets, float* loss, float* lse, const Params& p) {
+  for_each_row<scalar_t>(p, [&](int64_t i, std::vector<float>& buf) {
+    const int64_t t = targets[i];
+    if (t == p.ignore_index) {  // loss 0; lse is not needed (the backward writes zeros for this row)
+      loss[i] = 0.f;
+      lse[i] = 0.f;
+      return;
     }
+    row_loss(row_as_float(const_cast<scalar_t*>(logits) + i * p.V, p.V, buf), t, p, loss + i, lse + i);
   });
 }
 
 template <typename scalar_t>
 void bwd_impl(const float* grad_loss, const scalar_t* logits, const int64_t* targets, const float* lse,
               scalar_t* grad, const Params& p) {
-  at::parallel_for(0, p.N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : p.V);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t t = targets[i];
-      scalar_t* out = grad + i * p.V;
-      if (t == p.ignore_index) {
-        std::fill(out, out + p.V, scalar_t(0));  // zero, whatever g is (mean over 0 tokens gives g = inf)
-        continue;
-      }
-      const float* x = row_as_float(const_cast<scalar_t*>(logits) + i * p.V, p.V, buf);
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        row_backward(x, t, lse[i], grad_loss[i], p, out);
-      } else {
-        row_backward(x, t, lse[i], grad_loss[i], p, buf.data());  // in place in the fp32 buffer
-        at::vec::convert(buf.data(), out, p.V);
-      }
+  for_each_row<scalar_t>(p, [&](int64_t i, std::vector<float>& buf) {
+    const int64_t t = targets[i];
+    scalar_t* out = grad + i * p.V;
+    if (t == p.ignore_index) {
+      std::fill(out, out + p.V, scalar_t(0));  // zero, whatever g is (mean over 0 tokens gives g = inf)
+      return;
+    }
+    const float* x = row_as_float(const_cast<scalar_t*>(logits) + i * p.V, p.V, buf);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      row_backward(x, t, lse[i], grad_loss[i], p, out);
+    } else {
+      row_backward(x, t, lse[i], grad_loss[i], p, buf.data());  // in place in the fp32 buffer
+      at::vec::convert(buf.data(), out, p.V);
     }
   });
 }
@@ -168,22 +172,19 @@ void bwd_impl(const float* grad_loss, const scalar_t* logits, const int64_t* tar
 template <typename scalar_t>
 void fwd_bwd_impl(scalar_t* logits, const int64_t* targets, float grad_scale, float* loss, float* lse,
                   const Params& p) {
-  at::parallel_for(0, p.N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : p.V);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t t = targets[i];
-      scalar_t* row = logits + i * p.V;
-      if (t == p.ignore_index) {
-        std::fill(row, row + p.V, scalar_t(0));
-        loss[i] = 0.f;
-        lse[i] = 0.f;
-        continue;
-      }
-      float* x = row_as_float(row, p.V, buf);
-      row_loss(x, t, p, loss + i, lse + i);
-      row_backward(x, t, lse[i], grad_scale, p, x);  // the row is still in L2: overwrite it with its gradient
-      if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(x, row, p.V);
+  for_each_row<scalar_t>(p, [&](int64_t i, std::vector<float>& buf) {
+    const int64_t t = targets[i];
+    scalar_t* row = logits + i * p.V;
+    if (t == p.ignore_index) {
+      std::fill(row, row + p.V, scalar_t(0));
+      loss[i] = 0.f;
+      lse[i] = 0.f;
+      return;
     }
+    float* x = row_as_float(row, p.V, buf);
+    row_loss(x, t, p, loss + i, lse + i);
+    row_backward(x, t, lse[i], grad_scale, p, x);  // the row is still in L2: overwrite it with its gradient
+    if constexpr (!std::is_same_v<scalar_t, float>) at::vec::convert(x, row, p.V);
   });
 }
 
@@ -210,8 +211,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& logit
   const Params p = check_inputs(logits, targets, ignore_index, label_smoothing, z_loss, "intro2llm::cross_entropy_fwd");
   const auto xc = logits.contiguous();
   const auto tc = targets.contiguous();
-  auto loss = at::empty({p.N}, logits.options().dtype(at::kFloat));
-  auto lse = at::empty({p.N}, logits.options().dtype(at::kFloat));
+  auto loss = cross_entropy_row_output(logits), lse = cross_entropy_row_output(logits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "cross_entropy_fwd_cpu", [&] {
     fwd_impl<scalar_t>(xc.const_data_ptr<scalar_t>(), tc.const_data_ptr<int64_t>(), loss.mutable_data_ptr<float>(),
                        lse.mutable_data_ptr<float>(), p);
@@ -242,8 +242,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_bwd_cpu(at::Tensor& logits,
   TORCH_CHECK_VALUE(logits.is_contiguous(), "intro2llm::cross_entropy_fwd_bwd_: logits must be contiguous (it is "
                     "overwritten in place), got strides ", logits.strides());
   const auto tc = targets.contiguous();
-  auto loss = at::empty({p.N}, logits.options().dtype(at::kFloat));
-  auto lse = at::empty({p.N}, logits.options().dtype(at::kFloat));
+  auto loss = cross_entropy_row_output(logits), lse = cross_entropy_row_output(logits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "cross_entropy_fwd_bwd_cpu", [&] {
     fwd_bwd_impl<scalar_t>(logits.mutable_data_ptr<scalar_t>(), tc.const_data_ptr<int64_t>(),
                            static_cast<float>(grad_scale), loss.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>(),

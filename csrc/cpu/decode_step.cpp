@@ -97,60 +97,32 @@ I2L_CLONES void attend_row(const float* __restrict q, const float* __restrict K,
 
 // Y (M, N) (+)= X (M, K) · W (K, N) for a few rows (M <= kMaxRows), all row-major: the decode step's products.
 // Why not at::mm: for M = 8 MKL packs (copies) W before every product, and the packing took more time than the
-// multiply-adds (the profile is in lesson 05's README). Here W
-// is streamed once, row by row, into register accumulators: for each tile of 32 output columns, kMaxRows x 2
-// 16-wide accumulators, one broadcast of X[r, k] per row and k. Tiles are independent (at::parallel_for).
+// multiply-adds (the profile is in lesson 05's README). Here W is streamed once, row by row, into register
+// accumulators: for each tile of 32 output columns, 2 vector accumulators per row, one broadcast of X[r, k] per
+// row and k. Tiles are independent (at::parallel_for).
 constexpr int64_t kMaxRows = 8;
 
-template <int R>
-I2L_CLONES void gemm_tile_rows_wide(const float* __restrict X, int64_t ldx, const float* __restrict W, int64_t N,
-                                    int64_t K, float* __restrict Y, int64_t ldy, int64_t n0, bool accumulate) {
-  v16 a0[R], a1[R];
-  for (int r = 0; r < R; ++r) {
-    if (accumulate) {
-      std::memcpy(&a0[r], Y + r * ldy + n0, sizeof(v16));
-      std::memcpy(&a1[r], Y + r * ldy + n0 + 16, sizeof(v16));
-    } else {
-      a0[r] = v16{};
-      a1[r] = v16{};
-    }
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    v16 w0, w1;
-    std::memcpy(&w0, W + k * N + n0, sizeof(v16));
-    std::memcpy(&w1, W + k * N + n0 + 16, sizeof(v16));
-    for (int r = 0; r < R; ++r) {
-      const float x = X[r * ldx + k];
-      a0[r] += x * w0;
-      a1[r] += x * w1;
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    std::memcpy(Y + r * ldy + n0, &a0[r], sizeof(v16));
-    std::memcpy(Y + r * ldy + n0 + 16, &a1[r], sizeof(v16));
-  }
-}
-
-// Without AVX-512 (simd.h: wide_vectors()) the same tile in register-sized pieces: 16 columns (two 8-float
-// vectors) of up to 4 rows, R·2 accumulators and 2 W vectors within AVX2's 16 registers (loops over r unrolled:
-// as loops, GCC keeps the accumulators on the stack).
-template <int R>
-I2L_CLONES void gemm_slab_narrow(const float* __restrict X, int64_t ldx, const float* __restrict W, int64_t N,
-                                 int64_t K, float* __restrict Y, int64_t ldy, int64_t n0, bool accumulate) {
-  v8 a0[R], a1[R];
+// Y's 2·L columns from n0 for R rows, L the lanes of V. With AVX-512 (simd.h: wide_vectors()) V = v16 and R up to
+// 8 (16 accumulators of 32 registers); otherwise v8 and R <= 4, so that R·2 accumulators and 2 W vectors fit
+// AVX2's 16 registers. The loops over r are unrolled: as loops, GCC keeps the accumulators on the stack.
+template <typename V, int R>
+I2L_CLONES void gemm_slab(const float* __restrict X, int64_t ldx, const float* __restrict W, int64_t N, int64_t K,
+                          float* __restrict Y, int64_t ldy, int64_t n0, bool accumulate) {
+  constexpr int64_t L = sizeof(V) / sizeof(float);
+  V a0[R], a1[R];
   I2L_UNROLL for (int r = 0; r < R; ++r) {
     if (accumulate) {
-      std::memcpy(&a0[r], Y + r * ldy + n0, sizeof(v8));
-      std::memcpy(&a1[r], Y + r * ldy + n0 + 8, sizeof(v8));
+      std::memcpy(&a0[r], Y + r * ldy + n0, sizeof(V));
+      std::memcpy(&a1[r], Y + r * ldy + n0 + L, sizeof(V));
     } else {
-      a0[r] = v8{};
-      a1[r] = v8{};
+      a0[r] = V{};
+      a1[r] = V{};
     }
   }
   for (int64_t k = 0; k < K; ++k) {
-    v8 w0, w1;
-    std::memcpy(&w0, W + k * N + n0, sizeof(v8));
-    std::memcpy(&w1, W + k * N + n0 + 8, sizeof(v8));
+    V w0, w1;
+    std::memcpy(&w0, W + k * N + n0, sizeof(V));
+    std::memcpy(&w1, W + k * N + n0 + L, sizeof(V));
     I2L_UNROLL for (int r = 0; r < R; ++r) {
       const float x = X[r * ldx + k];
       a0[r] += x * w0;
@@ -158,8 +130,8 @@ I2L_CLONES void gemm_slab_narrow(const float* __restrict X, int64_t ldx, const f
     }
   }
   I2L_UNROLL for (int r = 0; r < R; ++r) {
-    std::memcpy(Y + r * ldy + n0, &a0[r], sizeof(v8));
-    std::memcpy(Y + r * ldy + n0 + 8, &a1[r], sizeof(v8));
+    std::memcpy(Y + r * ldy + n0, &a0[r], sizeof(V));
+    std::memcpy(Y + r * ldy + n0 + L, &a1[r], sizeof(V));
   }
 }
 
@@ -167,11 +139,11 @@ I2L_CLONES void gemm_slab_narrow(const float* __restrict X, int64_t ldx, const f
 template <int R>
 inline void gemm_tile_rows(const float* X, int64_t ldx, const float* W, int64_t N, int64_t K, float* Y, int64_t ldy,
                            int64_t n0, bool accumulate) {
-  if (wide_vectors()) return gemm_tile_rows_wide<R>(X, ldx, W, N, K, Y, ldy, n0, accumulate);
+  if (wide_vectors()) return gemm_slab<v16, R>(X, ldx, W, N, K, Y, ldy, n0, accumulate);
   constexpr int A = R < 4 ? R : 4;  // rows of the first pass; the rest (R - 4 <= 4) in a second
   for (int64_t h = 0; h < 32; h += 16) {
-    gemm_slab_narrow<A>(X, ldx, W, N, K, Y, ldy, n0 + h, accumulate);
-    if constexpr (R > 4) gemm_slab_narrow<R - 4>(X + 4 * ldx, ldx, W, N, K, Y + 4 * ldy, ldy, n0 + h, accumulate);
+    gemm_slab<v8, A>(X, ldx, W, N, K, Y, ldy, n0 + h, accumulate);
+    if constexpr (R > 4) gemm_slab<v8, R - 4>(X + 4 * ldx, ldx, W, N, K, Y + 4 * ldy, ldy, n0 + h, accumulate);
   }
 }
 

@@ -130,6 +130,40 @@ void check_cpu(const at::Tensor& packed, const at::Tensor& absmax, const char* o
 
 bool is_float_type(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
 
+// The matmul's activation (x, or grad_y in the backward): a CPU float tensor.
+void check_activation(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(is_float_type(t.scalar_type()), op, ": ", name, " must be float32, bfloat16 or float16, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), op, ": expected a CPU tensor, got ", name, " on ", t.device());
+}
+
+// W's codes and scales, contiguous (the tensors keep the pointers valid).
+struct Weight {
+  Weight(const at::Tensor& packed, const at::Tensor& absmax)
+      : bytes(packed.contiguous()), scales(absmax.contiguous()), p(bytes.const_data_ptr<uint8_t>()),
+        a(scales.const_data_ptr<float>()) {}
+  at::Tensor bytes, scales;
+  const uint8_t* p;
+  const float* a;
+};
+
+// What both matmul directions start from (a = x, or grad_y in the backward): the checks, log2(blocksize), W's
+// codes and scales, and a as contiguous fp32.
+struct MatmulInputs {
+  int shift;
+  Weight w;
+  at::Tensor a32;
+};
+
+MatmulInputs matmul_inputs(const at::Tensor& a, int64_t n_or_k, bool backward, const at::Tensor& packed,
+                           const at::Tensor& absmax, int64_t blocksize, const std::optional<at::Tensor>& bias,
+                           const char* op) {
+  check_cpu(packed, absmax, op);
+  const int shift = check_nf4_matmul_args(a, n_or_k, backward, packed, absmax, blocksize, bias, op);
+  check_activation(a, backward ? "grad_y" : "x", op);
+  return {shift, Weight(packed, absmax), a.to(at::kFloat).contiguous()};
+}
+
 template <typename scalar_t>
 void dequantize_into(const uint8_t* p, const float* a, int shift, int64_t numel, scalar_t* o) {
   constexpr int64_t kSpan = 16384;  // elements per task (a multiple of 8)
@@ -153,17 +187,14 @@ at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax
   check_cpu(packed, absmax, op);
   const int shift = check_nf4_weight(packed, absmax, numel, blocksize, op);
   TORCH_CHECK(is_float_type(dtype), op, ": dtype must be float32, bfloat16 or float16, got ", dtype);
-  const auto bytes = packed.contiguous();
-  const auto am = absmax.contiguous();
-  const uint8_t* p = bytes.const_data_ptr<uint8_t>();
-  const float* a = am.const_data_ptr<float>();
+  const Weight w(packed, absmax);
   auto out = at::empty({numel}, packed.options().dtype(dtype));
   if (dtype == at::kFloat) {
-    dequantize_into(p, a, shift, numel, out.mutable_data_ptr<float>());
+    dequantize_into(w.p, w.a, shift, numel, out.mutable_data_ptr<float>());
   } else if (dtype == at::kBFloat16) {
-    dequantize_into(p, a, shift, numel, out.mutable_data_ptr<c10::BFloat16>());
+    dequantize_into(w.p, w.a, shift, numel, out.mutable_data_ptr<c10::BFloat16>());
   } else {
-    dequantize_into(p, a, shift, numel, out.mutable_data_ptr<c10::Half>());
+    dequantize_into(w.p, w.a, shift, numel, out.mutable_data_ptr<c10::Half>());
   }
   return out;
 }
@@ -180,19 +211,25 @@ int64_t large_tile_rows(int64_t N, int64_t K) {
   return std::min(N, std::max<int64_t>(16, kLargeTileBytes / (K * static_cast<int64_t>(sizeof(float)))));
 }
 
+// Large M: W (N, K) decoded tile by tile, fn(n0, rows, tile) with rows [n0, n0 + rows) of W in the fp32 (rows, K)
+// tile, for one GEMM per tile.
+template <typename Fn>
+void for_each_decoded_tile(const MatmulInputs& in, int64_t N, int64_t K, const Fn& fn) {
+  const int64_t tn = large_tile_rows(N, K);
+  auto tile = at::empty({tn, K}, in.a32.options());
+  for (int64_t n0 = 0; n0 < N; n0 += tn) {
+    const int64_t rows = std::min(tn, N - n0);
+    decode_rows_parallel(in.w.p, in.w.a, in.shift, K, n0, rows, tile.mutable_data_ptr<float>());
+    fn(n0, rows, tile.narrow(0, 0, rows));
+  }
+}
+
 at::Tensor nf4_matmul_fwd_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t N,
                               int64_t blocksize, const std::optional<at::Tensor>& bias) {
   const char* op = "intro2llm::nf4_matmul_fwd";
-  check_cpu(packed, absmax, op);
-  const int shift = check_nf4_matmul_args(x, N, /*backward=*/false, packed, absmax, blocksize, bias, op);
-  TORCH_CHECK(is_float_type(x.scalar_type()), op, ": x must be float32, bfloat16 or float16, got ", x.scalar_type());
-  TORCH_CHECK(x.device().is_cpu(), op, ": expected a CPU tensor, got x on ", x.device());
+  const auto in = matmul_inputs(x, N, /*backward=*/false, packed, absmax, blocksize, bias, op);
+  const at::Tensor& xf = in.a32;  // (M, K)
   const int64_t M = x.size(0), K = x.size(1);
-  const auto bytes = packed.contiguous();
-  const auto am = absmax.contiguous();
-  const uint8_t* p = bytes.const_data_ptr<uint8_t>();
-  const float* a = am.const_data_ptr<float>();
-  const auto xf = x.to(at::kFloat).contiguous();  // (M, K)
   auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
   if (M == 0) return y.to(x.scalar_type());
   float* yp = y.mutable_data_ptr<float>();
@@ -214,7 +251,7 @@ at::Tensor nf4_matmul_fwd_cpu(const at::Tensor& x, const at::Tensor& packed, con
           for (int64_t r = 0; r < kTileRows; ++r) {
             float* br = buf + r * kChunk;
             if (r < rows) {
-              decode_range(p, a, shift, (n0 + r) * K + k0, (n0 + r) * K + k0 + kn, br);
+              decode_range(in.w.p, in.w.a, in.shift, (n0 + r) * K + k0, (n0 + r) * K + k0 + kn, br);
               std::fill(br + kn, br + kpad, 0.f);
             } else {
               std::fill(br, br + kpad, 0.f);
@@ -231,13 +268,9 @@ at::Tensor nf4_matmul_fwd_cpu(const at::Tensor& x, const at::Tensor& packed, con
       }
     });
   } else {
-    const int64_t tn = large_tile_rows(N, K);
-    auto tile = at::empty({tn, K}, x.options().dtype(at::kFloat));
-    for (int64_t n0 = 0; n0 < N; n0 += tn) {
-      const int64_t rows = std::min(tn, N - n0);
-      decode_rows_parallel(p, a, shift, K, n0, rows, tile.mutable_data_ptr<float>());
-      y.narrow(1, n0, rows).copy_(at::mm(xf, tile.narrow(0, 0, rows).t()));
-    }
+    for_each_decoded_tile(in, N, K, [&](int64_t n0, int64_t rows, const at::Tensor& tile) {
+      y.narrow(1, n0, rows).copy_(at::mm(xf, tile.t()));
+    });
   }
   if (bias.has_value()) y.add_(bias->to(at::kFloat));
   return y.to(x.scalar_type());
@@ -246,16 +279,9 @@ at::Tensor nf4_matmul_fwd_cpu(const at::Tensor& x, const at::Tensor& packed, con
 at::Tensor nf4_matmul_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& packed, const at::Tensor& absmax,
                               int64_t K, int64_t blocksize) {
   const char* op = "intro2llm::nf4_matmul_bwd";
-  check_cpu(packed, absmax, op);
-  const int shift = check_nf4_matmul_args(grad_y, K, /*backward=*/true, packed, absmax, blocksize, std::nullopt, op);
-  TORCH_CHECK(is_float_type(grad_y.scalar_type()), op, ": grad_y must be float32, bfloat16 or float16, got ",
-              grad_y.scalar_type());
+  const auto in = matmul_inputs(grad_y, K, /*backward=*/true, packed, absmax, blocksize, std::nullopt, op);
+  const at::Tensor& gf = in.a32;  // (M, N)
   const int64_t M = grad_y.size(0), N = grad_y.size(1);
-  const auto bytes = packed.contiguous();
-  const auto am = absmax.contiguous();
-  const uint8_t* p = bytes.const_data_ptr<uint8_t>();
-  const float* a = am.const_data_ptr<float>();
-  const auto gf = grad_y.to(at::kFloat).contiguous();  // (M, N)
   auto dx = at::zeros({M, K}, grad_y.options().dtype(at::kFloat));
   if (M == 0) return dx.to(grad_y.scalar_type());
 
@@ -270,8 +296,9 @@ at::Tensor nf4_matmul_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& packed
         const int64_t k0 = c * kChunk, kn = std::min(kChunk, K - k0);
         for (int64_t n0 = 0; n0 < N; n0 += kTileRows) {
           const int64_t rows = std::min(kTileRows, N - n0);
-          for (int64_t r = 0; r < rows; ++r) decode_range(p, a, shift, (n0 + r) * K + k0, (n0 + r) * K + k0 + kn,
-                                                          buf + r * kChunk);
+          for (int64_t r = 0; r < rows; ++r) {
+            decode_range(in.w.p, in.w.a, in.shift, (n0 + r) * K + k0, (n0 + r) * K + k0 + kn, buf + r * kChunk);
+          }
           for (int64_t m = 0; m < M; ++m)
             for (int64_t r = 0; r < rows; ++r) gtile[m * kTileRows + r] = gp[m * N + n0 + r];
           tile_axpy(gtile.data(), kTileRows, buf, rows, kn, M, dp + k0, K);
@@ -279,13 +306,9 @@ at::Tensor nf4_matmul_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& packed
       }
     });
   } else {
-    const int64_t tn = large_tile_rows(N, K);
-    auto tile = at::empty({tn, K}, grad_y.options().dtype(at::kFloat));
-    for (int64_t n0 = 0; n0 < N; n0 += tn) {
-      const int64_t rows = std::min(tn, N - n0);
-      decode_rows_parallel(p, a, shift, K, n0, rows, tile.mutable_data_ptr<float>());
-      dx.addmm_(gf.narrow(1, n0, rows), tile.narrow(0, 0, rows));
-    }
+    for_each_decoded_tile(in, N, K, [&](int64_t n0, int64_t rows, const at::Tensor& tile) {
+      dx.addmm_(gf.narrow(1, n0, rows), tile);
+    });
   }
   return dx.to(grad_y.scalar_type());
 }

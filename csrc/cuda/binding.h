@@ -1,8 +1,9 @@
 // Shared by the torch bindings of the CUDA kernels (host C++ with ATen; the kernel files never include it): the
-// one map from a tensor's dtype to the launchers' dtype code.
+// one map from a tensor's dtype to the launchers' dtype code, and the one check of a launcher's result.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <cuda_runtime_api.h>
 
 #include "common.cuh"
 
@@ -21,6 +22,11 @@ inline DType dtype_code(at::ScalarType t, const char* op, const char* what) {
 
 inline DType dtype_code(const at::Tensor& t, const char* op, const char* what) {
   return dtype_code(t.scalar_type(), op, what);
+}
+
+// A launcher's cudaError_t: anything but success is a RuntimeError naming the op and CUDA's message.
+inline void check_error(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(err));
 }
 
 }  // namespace cuda

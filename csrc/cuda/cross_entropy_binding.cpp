@@ -38,14 +38,13 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(const at::Tensor& logi
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto tc = targets.contiguous();
   const int64_t N = logits.size(0), V = logits.size(1);
-  auto loss = at::empty({N}, logits.options().dtype(at::kFloat));
-  auto lse = at::empty({N}, logits.options().dtype(at::kFloat));
+  auto loss = cross_entropy_row_output(logits), lse = cross_entropy_row_output(logits);
   const auto err = cuda::cross_entropy_fwd(logits.const_data_ptr(), tc.const_data_ptr<int64_t>(),
                                            loss.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>(), N, V,
                                            logits.stride(0), ignore_index, static_cast<float>(label_smoothing),
                                            static_cast<float>(z_loss), cuda::dtype_code(logits, op, "logits"),
                                            at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(err));
+  cuda::check_error(err, op);
   return {loss, lse};
 }
 
@@ -68,7 +67,7 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor&
                                            grad.mutable_data_ptr(), N, V, logits.stride(0), ignore_index,
                                            static_cast<float>(label_smoothing), static_cast<float>(z_loss),
                                            cuda::dtype_code(logits, op, "logits"), at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(err));
+  cuda::check_error(err, op);
   return grad;
 }
 
@@ -82,14 +81,13 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_bwd_cuda(at::Tensor& logits
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto tc = targets.contiguous();
   const int64_t N = logits.size(0), V = logits.size(1);
-  auto loss = at::empty({N}, logits.options().dtype(at::kFloat));
-  auto lse = at::empty({N}, logits.options().dtype(at::kFloat));
+  auto loss = cross_entropy_row_output(logits), lse = cross_entropy_row_output(logits);
   const auto err = cuda::cross_entropy_fwd_bwd(logits.mutable_data_ptr(), tc.const_data_ptr<int64_t>(),
                                                static_cast<float>(grad_scale), loss.mutable_data_ptr<float>(),
                                                lse.mutable_data_ptr<float>(), N, V, ignore_index,
                                                static_cast<float>(label_smoothing), static_cast<float>(z_loss),
                                                cuda::dtype_code(logits, op, "logits"), at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(err));
+  cuda::check_error(err, op);
   return {loss, lse};
 }
 

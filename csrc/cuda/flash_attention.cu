@@ -60,6 +60,42 @@ __device__ __forceinline__ bool visible(const Shape& s, int64_t b, int64_t i, in
 }
 
 // Stage rows [r0, r0 + n) of a (T, D) matrix into shared memory as fp32 with row stride `ld`; rows past T are 0.
+// A warp holds a D-wide row spread over its lanes: lane owns columns d = lane + 32·e, e < DPL = ceil(D / 32).
+// acc += a · src over this lane's columns.
+template <int D, int DPL>
+__device__ __forceinline__ void axpy_lane_cols(float (&acc)[DPL], float a, const float* src, int lane) {
+  #pragma unroll
+  for (int e = 0; e < DPL; ++e) {
+    const int d = lane + 32 * e;
+    if (d < D) acc[e] += a * src[d];
+  }
+}
+
+// dst = acc · scale in T, this lane's columns.
+template <typename T, int D, int DPL>
+__device__ __forceinline__ void store_lane_cols(T* dst, const float (&acc)[DPL], float scale, int lane) {
+  #pragma unroll
+  for (int e = 0; e < DPL; ++e) {
+    const int d = lane + 32 * e;
+    if (d < D) dst[d] = from_float<T>(acc[e] * scale);
+  }
+}
+
+// The backward's recomputation for one (query, key) pair from rows in shared memory: p = exp(q·k · scale − lse) and
+// dS = p (dO·v − Δ) · scale, returned as (p, dS).
+template <int D>
+__device__ __forceinline__ float2 p_and_ds(const float* q, const float* dout, const float* k, const float* v,
+                                           float scale, float lse, float delta) {
+  float sc = 0.f, dp = 0.f;
+#pragma unroll 16
+  for (int d = 0; d < D; ++d) {
+    sc += q[d] * k[d];
+    dp += dout[d] * v[d];
+  }
+  const float p = __expf(sc * scale - lse);
+  return make_float2(p, p * (dp - delta) * scale);
+}
+
 template <typename T, int D>
 __device__ void stage(float* dst, int ld, const T* src, int64_t r0, int n, int64_t Trows, float mul = 1.f) {
   for (int idx = threadIdx.x; idx < n * D; idx += kThreads) {
@@ -124,11 +160,7 @@ __global__ void __launch_bounds__(kThreads) fa_fwd_kernel(Shape s, const T* __re
       for (int jj = 0; jj < kTileN; ++jj) {
         const float pj = __shfl_sync(kFull, p, jj);
         if (pj == 0.f) continue;  // warp-uniform: masked key
-        #pragma unroll
-        for (int e = 0; e < DPL; ++e) {
-          const int d = lane + 32 * e;
-          if (d < D) acc[r][e] += pj * vs[jj * D + d];
-        }
+        axpy_lane_cols<D>(acc[r], pj, vs + jj * D, lane);
       }
     }
   }
@@ -136,12 +168,7 @@ __global__ void __launch_bounds__(kThreads) fa_fwd_kernel(Shape s, const T* __re
   for (int r = 0; r < kRowsPerWarp; ++r) {
     const int64_t i = q0 + warp * kRowsPerWarp + r;
     if (i >= s.Tq) break;
-    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-    #pragma unroll
-    for (int e = 0; e < DPL; ++e) {
-      const int d = lane + 32 * e;
-      if (d < D) out[(bh * s.Tq + i) * D + d] = from_float<T>(acc[r][e] * inv);
-    }
+    store_lane_cols<T, D>(out + (bh * s.Tq + i) * D, acc[r], l[r] > 0.f ? 1.f / l[r] : 0.f, lane);
     if (lane == 0) lse[bh * s.Tq + i] = l[r] > 0.f ? m[r] + logf(l[r]) : -INFINITY;
   }
 }
@@ -209,27 +236,17 @@ __global__ void __launch_bounds__(kThreads) fa_bwd_dkdv_kernel(Shape s, const T*
         const int64_t j = k0 + jl;
         float p = 0.f, ds = 0.f;
         if (row_ok && j < s.Tk && lse_i != -INFINITY && visible(s, b, i, j)) {
-          float sc = 0.f, dp = 0.f;
-#pragma unroll 16
-          for (int d = 0; d < D; ++d) {
-            sc += qs[lane * (D + 1) + d] * ks[jl * D + d];
-            dp += dos[lane * (D + 1) + d] * vs[jl * D + d];
-          }
-          p = __expf(sc * s.scale - lse_i);
-          ds = p * (dp - delta_i) * s.scale;
+          const float2 pd = p_and_ds<D>(qs + lane * (D + 1), dos + lane * (D + 1), ks + jl * D, vs + jl * D, s.scale,
+                                        lse_i, delta_i);
+          p = pd.x;
+          ds = pd.y;
         }
         // dV_j += Σ_i p_ij dO_i ;  dK_j += Σ_i dS_ij q_i   (lanes split the head dim)
         for (int ii = 0; ii < kQTile; ++ii) {
           const float pb = __shfl_sync(kFull, p, ii), db = __shfl_sync(kFull, ds, ii);
           if (pb == 0.f && db == 0.f) continue;  // warp-uniform
-          #pragma unroll
-          for (int e = 0; e < DPL; ++e) {
-            const int d = lane + 32 * e;
-            if (d < D) {
-              dv_acc[kk][e] += pb * dos[ii * (D + 1) + d];
-              dk_acc[kk][e] += db * qs[ii * (D + 1) + d];
-            }
-          }
+          axpy_lane_cols<D>(dv_acc[kk], pb, dos + ii * (D + 1), lane);
+          axpy_lane_cols<D>(dk_acc[kk], db, qs + ii * (D + 1), lane);
         }
       }
     }
@@ -238,14 +255,8 @@ __global__ void __launch_bounds__(kThreads) fa_bwd_dkdv_kernel(Shape s, const T*
   for (int kk = 0; kk < kKeysPerWarp; ++kk) {
     const int64_t j = k0 + warp * kKeysPerWarp + kk;
     if (j >= s.Tk) break;
-    #pragma unroll
-    for (int e = 0; e < DPL; ++e) {
-      const int d = lane + 32 * e;
-      if (d < D) {
-        dk[(bhk * s.Tk + j) * D + d] = from_float<T>(dk_acc[kk][e]);
-        dv[(bhk * s.Tk + j) * D + d] = from_float<T>(dv_acc[kk][e]);
-      }
-    }
+    store_lane_cols<T, D>(dk + (bhk * s.Tk + j) * D, dk_acc[kk], 1.f, lane);
+    store_lane_cols<T, D>(dv + (bhk * s.Tk + j) * D, dv_acc[kk], 1.f, lane);
   }
 }
 
@@ -291,23 +302,13 @@ __global__ void __launch_bounds__(kThreads) fa_bwd_dq_kernel(Shape s, const T* _
       if (i >= s.Tq) break;
       float ds = 0.f;
       if (j < s.Tk && lse_r[r] != -INFINITY && visible(s, b, i, j)) {
-        float sc = 0.f, dp = 0.f;
-#pragma unroll 16
-        for (int d = 0; d < D; ++d) {
-          sc += qs[row * D + d] * ks[lane * (D + 1) + d];
-          dp += dos[row * D + d] * vs[lane * (D + 1) + d];
-        }
-        const float p = __expf(sc * s.scale - lse_r[r]);
-        ds = p * (dp - delta_r[r]) * s.scale;
+        ds = p_and_ds<D>(qs + row * D, dos + row * D, ks + lane * (D + 1), vs + lane * (D + 1), s.scale, lse_r[r],
+                         delta_r[r]).y;
       }
       for (int jj = 0; jj < kTileN; ++jj) {  // dQ_i += Σ_j dS_ij k_j
         const float dj = __shfl_sync(kFull, ds, jj);
         if (dj == 0.f) continue;
-        #pragma unroll
-        for (int e = 0; e < DPL; ++e) {
-          const int d = lane + 32 * e;
-          if (d < D) acc[r][e] += dj * ks[jj * (D + 1) + d];
-        }
+        axpy_lane_cols<D>(acc[r], dj, ks + jj * (D + 1), lane);
       }
     }
   }
@@ -315,11 +316,7 @@ __global__ void __launch_bounds__(kThreads) fa_bwd_dq_kernel(Shape s, const T* _
   for (int r = 0; r < kRowsPerWarp; ++r) {
     const int64_t i = q0 + warp * kRowsPerWarp + r;
     if (i >= s.Tq) break;
-    #pragma unroll
-    for (int e = 0; e < DPL; ++e) {
-      const int d = lane + 32 * e;
-      if (d < D) dq[(bh * s.Tq + i) * D + d] = from_float<T>(acc[r][e]);
-    }
+    store_lane_cols<T, D>(dq + (bh * s.Tq + i) * D, acc[r], 1.f, lane);
   }
 }
 

@@ -56,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q,
   const auto err = cuda::flash::flash_attention_fwd(s, qc.const_data_ptr(), kc.const_data_ptr(), vc.const_data_ptr(),
                                                     out.mutable_data_ptr(), lse.mutable_data_ptr<float>(),
                                                     cuda::dtype_code(q, op, "q, k, v"), at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(err));
+  cuda::check_error(err, op);
   return {out, lse};
 }
 
@@ -84,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
       s, gc.const_data_ptr(), qc.const_data_ptr(), kc.const_data_ptr(), vc.const_data_ptr(), oc.const_data_ptr(),
       lc.const_data_ptr<float>(), delta.mutable_data_ptr<float>(), dq.mutable_data_ptr(), dk.mutable_data_ptr(),
       dv.mutable_data_ptr(), cuda::dtype_code(q, op, "q, k, v"), at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(err));
+  cuda::check_error(err, op);
   return {dq, dk, dv};
 }
 

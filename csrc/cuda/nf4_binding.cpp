@@ -24,17 +24,13 @@ void check_cuda_weight(const at::Tensor& packed, const at::Tensor& absmax, const
               ": packed and absmax must be on one CUDA device, got ", packed.device(), " and ", absmax.device());
 }
 
-void check_cuda(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(err));
-}
-
 // Dequantize rows [n0, n0 + rows) of W (N, K) into tile (rows, K).
 void dequantize_rows(const at::Tensor& packed, const at::Tensor& absmax, int shift, int64_t K, int64_t n0,
                      at::Tensor& tile, const char* op) {
-  check_cuda(cuda::nf4_dequantize(packed.const_data_ptr<uint8_t>(), absmax.const_data_ptr<float>(), shift, n0 * K,
-                                  tile.numel(), tile.mutable_data_ptr(), cuda::dtype_code(tile, op, "the tile"),
-                                  at::cuda::getCurrentCUDAStream()),
-             op);
+  const auto err = cuda::nf4_dequantize(packed.const_data_ptr<uint8_t>(), absmax.const_data_ptr<float>(), shift,
+                                        n0 * K, tile.numel(), tile.mutable_data_ptr(),
+                                        cuda::dtype_code(tile, op, "the tile"), at::cuda::getCurrentCUDAStream());
+  cuda::check_error(err, op);
 }
 
 // Dequantize W (N, K) one row tile at a time (<= kTileElems elements, one buffer reused) and hand each tile
@@ -61,9 +57,10 @@ at::Tensor nf4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& absma
   const auto p = packed.contiguous();
   const auto a = absmax.contiguous();
   auto out = at::empty({numel}, packed.options().dtype(dtype));
-  check_cuda(cuda::nf4_dequantize(p.const_data_ptr<uint8_t>(), a.const_data_ptr<float>(), shift, 0, numel,
-                                  out.mutable_data_ptr(), cuda::dtype_code(dtype, op, "dtype"), at::cuda::getCurrentCUDAStream()),
-             op);
+  const auto err = cuda::nf4_dequantize(p.const_data_ptr<uint8_t>(), a.const_data_ptr<float>(), shift, 0, numel,
+                                        out.mutable_data_ptr(), cuda::dtype_code(dtype, op, "dtype"),
+                                        at::cuda::getCurrentCUDAStream());
+  cuda::check_error(err, op);
   return out;
 }
 
@@ -82,10 +79,11 @@ at::Tensor nf4_matmul_fwd_cuda(const at::Tensor& x, const at::Tensor& packed, co
     auto y = at::empty({M, N}, x.options());
     at::Tensor bf;
     if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
-    check_cuda(cuda::nf4_matmul_fwd(xc.const_data_ptr(), p.const_data_ptr<uint8_t>(), a.const_data_ptr<float>(),
-                                    bias.has_value() ? bf.const_data_ptr<float>() : nullptr, y.mutable_data_ptr(), M,
-                                    N, K, shift, cuda::dtype_code(x, op, "x"), at::cuda::getCurrentCUDAStream()),
-               op);
+    const auto err = cuda::nf4_matmul_fwd(xc.const_data_ptr(), p.const_data_ptr<uint8_t>(), a.const_data_ptr<float>(),
+                                          bias.has_value() ? bf.const_data_ptr<float>() : nullptr, y.mutable_data_ptr(),
+                                          M, N, K, shift, cuda::dtype_code(x, op, "x"),
+                                          at::cuda::getCurrentCUDAStream());
+    cuda::check_error(err, op);
     return y;
   }
   auto y = at::empty({M, N}, x.options());

@@ -31,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& x, const 
   const auto err = cuda::rms_norm_fwd(xc.const_data_ptr(), wf.const_data_ptr<float>(), y.mutable_data_ptr(),
                                       rstd.mutable_data_ptr<float>(), M, N, static_cast<float>(eps),
                                       cuda::dtype_code(x, "intro2llm::rms_norm_fwd", "x"), at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "intro2llm::rms_norm_fwd: CUDA error: ", cudaGetErrorString(err));
+  cuda::check_error(err, "intro2llm::rms_norm_fwd");
   return {y, rstd};
 }
 
@@ -57,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& grad_y, c
                                       dw_partial.mutable_data_ptr<float>(), dw.mutable_data_ptr<float>(), M, N,
                                       num_blocks, cuda::dtype_code(x, "intro2llm::rms_norm_bwd", "x"),
                                       at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "intro2llm::rms_norm_bwd: CUDA error: ", cudaGetErrorString(err));
+  cuda::check_error(err, "intro2llm::rms_norm_bwd");
   return {dx, dw.to(weight.scalar_type())};
 }
 

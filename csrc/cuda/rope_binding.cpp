@@ -34,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor> rope_cuda(const at::Tensor& q_in, const at::T
   const auto err = cuda::rope(q.const_data_ptr(), k.const_data_ptr(), q_out.mutable_data_ptr(),
                               k_out.mutable_data_ptr(), cf.const_data_ptr<float>(), sf.const_data_ptr<float>(), qv,
                               kv, B, T, D, table_sb, backward, dtype, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(err));
+  cuda::check_error(err, op);
   return {q_out, k_out};
 }
 

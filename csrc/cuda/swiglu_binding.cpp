@@ -27,7 +27,7 @@ at::Tensor glu_fwd_cuda(const at::Tensor& gate, const at::Tensor& up, cuda::GluA
   auto out = at::empty_like(gc, at::MemoryFormat::Contiguous);
   const auto err = cuda::glu_fwd(gc.const_data_ptr(), uc.const_data_ptr(), out.mutable_data_ptr(), gc.numel(), act,
                                  dtype, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(err));
+  cuda::check_error(err, op);
   return out;
 }
 
@@ -40,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor> glu_bwd_cuda(const at::Tensor& grad, const at
   auto du = at::empty_like(uc, at::MemoryFormat::Contiguous);
   const auto err = cuda::glu_bwd(yc.const_data_ptr(), gc.const_data_ptr(), uc.const_data_ptr(), dg.mutable_data_ptr(),
                                  du.mutable_data_ptr(), gc.numel(), act, dtype, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(err));
+  cuda::check_error(err, op);
   return {dg, du};
 }
 
