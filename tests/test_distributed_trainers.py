@@ -130,3 +130,14 @@ def test_dpo_fsdp_resume_from_sharded_checkpoint(ckpt, one_process, tmp_path):
     (out / "model.safetensors").unlink()
     _torchrun(_args("dpo", ckpt, out, "--strategy", "fsdp", "--resume"))
     _assert_same_run(one_process("dpo"), out)
+
+
+def test_rl_batch_that_does_not_split_over_the_ranks_is_a_clear_error(ckpt, tmp_path):
+    """3 prompt groups over 2 ranks: refused when the trainer is built (before any rollout), not a hang."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "INTRO2LLM_DIST_TIMEOUT": "60"}
+    args = _args("grpo", ckpt, tmp_path / "odd", "--strategy", "ddp", "--prompts-per-step", "3")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "intro2llm",
+           *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert "3 prompt groups per step in 1 mini-batch(es) cannot be split evenly over 2 processes" in proc.stderr

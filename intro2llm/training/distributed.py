@@ -231,6 +231,18 @@ def distribute_policy(model: nn.Module, info: DistInfo, strategy: str = "ddp", r
     return model, ref
 
 
+def check_even_split(units: int, minibatches: int, info: DistInfo, what: str) -> None:
+    """``ValueError`` unless ``units`` (GRPO: groups, PPO: rows) per step split into ``minibatches`` equal mini-batches
+    that each split evenly over the ranks (``rank_rows``); a no-op with one process. Checked when a trainer is built,
+    so a bad setting fails before any rollout."""
+    if not info.enabled:
+        return
+    per = -(-units // minibatches)
+    if units % minibatches or per % info.world_size:
+        raise ValueError(f"{units} {what} per step in {minibatches} mini-batch(es) cannot be split evenly over "
+                         f"{info.world_size} processes: each mini-batch needs a multiple of {info.world_size} {what}")
+
+
 def rank_rows(rows: torch.Tensor, unit: int = 1) -> torch.Tensor:
     """This rank's contiguous share of ``rows`` (a mini-batch every rank holds), in whole units of ``unit`` rows
     (GRPO: a group); all of ``rows`` with one process. Every rank must get the same number of rows (under FSDP each

@@ -42,6 +42,7 @@ from intro2llm.training.distributed import (
     DistInfo,
     all_reduce_stats,
     average_gradients,
+    check_even_split,
     clip_grad_norm,
     distribute_policy,
     full_state_dict,
@@ -230,6 +231,7 @@ class GRPOTrainer:
         # Under torchrun (strategy ddp | fsdp): every rank samples the same whole rollout (same seed, same weights)
         # and trains on its share of the groups; see distributed.distribute_policy. beta = 0: no reference at all.
         self.info = dist_info or init_distributed(next(model.parameters()).device.type)
+        check_even_split(self.config.prompts_per_step, self.config.num_minibatches, self.info, "prompt groups")
         self.model, self.ref_model = distribute_policy(model, self.info, strategy, ref_model,
                                                        need_ref=self.config.beta > 0)
         self.device = next(model.parameters()).device

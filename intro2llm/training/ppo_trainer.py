@@ -44,6 +44,7 @@ from intro2llm.training.distributed import (
     DistInfo,
     all_reduce_stats,
     average_gradients,
+    check_even_split,
     clip_grad_norm,
     distribute_policy,
     full_state_dict,
@@ -226,6 +227,8 @@ class PPOTrainer:
         # of each mini-batch (see the module docstring). The reference (kl_coef > 0): the frozen SFT model, a copy
         # of the starting policy unless given.
         self.info = dist_info or init_distributed(next(model.parameters()).device.type)
+        check_even_split(self.config.prompts_per_step * self.config.samples_per_prompt, self.config.num_minibatches,
+                         self.info, "responses")
         self.model, self.ref_model = distribute_policy(model, self.info, strategy, ref_model,
                                                        need_ref=self.config.kl_coef > 0)
         self.device = next(model.parameters()).device
