@@ -141,3 +141,12 @@ def test_rl_batch_that_does_not_split_over_the_ranks_is_a_clear_error(ckpt, tmp_
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0
     assert "3 prompt groups per step in 1 mini-batch(es) cannot be split evenly over 2 processes" in proc.stderr
+
+
+@pytest.mark.parametrize("cmd", ["sft", "dpo", "grpo", "ppo"])
+def test_fsdp_without_torchrun_is_a_clear_error(cmd, ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(_args(cmd, ckpt, tmp_path / "x", "--strategy", "fsdp")) == 2
+    err = capsys.readouterr().err
+    assert "--strategy fsdp" in err and f"torchrun --nproc_per_node N -m intro2llm {cmd}" in err
+    assert not (tmp_path / "x").exists()  # refused before any work
