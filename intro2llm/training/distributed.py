@@ -13,6 +13,12 @@ forward (generation, export) needs the full tensors — ``meta_skeleton`` (taken
 meta device, so it costs no memory) plus ``consolidate`` (all-gather a full state dict, rank 0 loads it into a copy
 of the skeleton) give an ordinary unsharded module.
 
+Post-training: trainers built on ``Trainer`` (SFT, DPO) inherit all of this; a frozen reference model is copied
+before the policy is sharded and made a ``frozen_replica`` (sharded too under FSDP). PPO and GRPO run their own loop
+with ``distribute_policy``, ``gathered_params`` (full weights for generation), ``rank_rows``, ``average_gradients``,
+``all_reduce_stats``, ``clip_grad_norm`` and ``full_state_dict``: every rank samples the same rollout and trains on
+its share of each mini-batch. ``run_in_process_group`` is the body of every training command.
+
 Multi-node is the same code: ``torchrun --nnodes N --nproc_per_node P --rdzv-backend c10d --rdzv-endpoint HOST:PORT``
 on every node sets the same environment variables. A rank that dies makes the others fail in their next collective
 (the connection closes) or, at the latest, after the process-group timeout (``init_distributed(timeout=)``, default
