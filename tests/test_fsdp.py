@@ -5,7 +5,7 @@ DTensor parameters, global-norm clipping, end-of-run generation (the synthetic a
 
 Regression tests of issue 21: the fused AdamW met DTensors (``adamw_step_ ... does not have a sharding strategy``)
 and ``generate`` on the sharded model mixed Tensor and DTensor. Runs: one-process references in this process,
-four torchrun launches (~10 s each on an idle 2-core box) and two bare processes.
+three torchrun launches (~10 s each on an idle 2-core box), two launchers and two bare processes (the dying rank).
 """
 
 import json
