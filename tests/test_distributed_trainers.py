@@ -84,6 +84,12 @@ def one_process(ckpt, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def launched():
+    """Output directories of the torchrun runs so far, by (command, strategy): later tests reuse them."""
+    return {}
+
+
 def _assert_same_run(ref, got):
     r1, r2 = read_metrics(ref / "metrics.jsonl"), read_metrics(got / "metrics.jsonl")
     assert [r["step"] for r in r2] == list(range(1, STEPS + 1))  # rank 0 logs, once per step
@@ -101,9 +107,10 @@ def _assert_same_run(ref, got):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 @pytest.mark.parametrize("cmd", ["sft", "dpo", "grpo", "ppo"])
-def test_command_under_torchrun_equals_one_process(cmd, strategy, ckpt, one_process, tmp_path):
+def test_command_under_torchrun_equals_one_process(cmd, strategy, ckpt, one_process, launched, tmp_path):
     out = tmp_path / f"{cmd}-{strategy}"
     proc = _torchrun(_args(cmd, ckpt, out, "--strategy", strategy))
+    launched[cmd, strategy] = out
     _assert_same_run(one_process(cmd), out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == STEPS
@@ -122,10 +129,14 @@ def test_command_under_torchrun_equals_one_process(cmd, strategy, ckpt, one_proc
             _assert_same_run(one_process(cmd), resumed)
 
 
-def test_dpo_fsdp_resume_from_sharded_checkpoint(ckpt, one_process, tmp_path):
+def test_dpo_fsdp_resume_from_sharded_checkpoint(ckpt, one_process, launched, tmp_path):
     """A DPO FSDP run killed after step 2's sharded checkpoint resumes under FSDP and ends like one process."""
     out = tmp_path / "dpo"
-    _torchrun(_args("dpo", ckpt, out, "--strategy", "fsdp"))
+    if ("dpo", "fsdp") in launched:
+        shutil.copytree(launched["dpo", "fsdp"], out)
+    else:  # run alone
+        _torchrun(_args("dpo", ckpt, out, "--strategy", "fsdp"))
+    assert (out / "checkpoints" / "step_00000002" / "sharded").is_dir()  # FSDP wrote the sharded layout
     shutil.rmtree(out / "checkpoints" / f"step_{STEPS:08d}")
     (out / "model.safetensors").unlink()
     _torchrun(_args("dpo", ckpt, out, "--strategy", "fsdp", "--resume"))
