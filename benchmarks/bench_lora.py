@@ -31,7 +31,8 @@ Measured 2026-12-05 (2-core Intel Xeon with AVX-512, shared; the benchmark in it
 step ours / PEFT 1.46x (2831 vs 1941 tokens/s; other runs 1.46-1.50x; the plain forward instead of ``lora_linear``:
 1.35x). Peak memory QLoRA (checkpointing) / full fine-tuning (no checkpointing): 0.33x with the fixed mmap threshold
 (105.1 vs 314.4 MiB; vs full + checkpointing 0.47x), 0.51-0.64x with glibc's default malloc (185.0 vs 360.4 MiB in
-the run quoted; heap fragmentation varies). """
+the run quoted; heap fragmentation varies).
+"""
 
 from __future__ import annotations
 
