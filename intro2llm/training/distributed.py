@@ -26,7 +26,9 @@ on every node sets the same environment variables. A rank that dies makes the ot
 
 References: Li et al., "PyTorch Distributed: Experiences on Accelerating Data Parallel Training" (VLDB 2020);
 Zhao et al., "PyTorch FSDP" (2023); the FSDP2 ``torch.distributed.fsdp.fully_shard`` tutorial.
-Not handled: tensor/pipeline parallelism, FSDP of quantized (QLoRA) bases, CPU offload of shards.
+LoRA/QLoRA under FSDP: the adapters and the fp32 embedding/LM head are sharded; a 4-bit (QLoRA) base keeps its NF4
+codes in buffers, which FSDP2 does not shard, so every rank holds the whole (small) quantized base.
+Not handled: tensor/pipeline parallelism, CPU offload of shards.
 """
 
 from __future__ import annotations

@@ -67,8 +67,6 @@ def peft_settings(args: argparse.Namespace) -> dict[str, Any] | None:
     targets = [t.strip() for t in str(args.lora_targets).split(",") if t.strip()]
     if not targets:
         raise ValueError(f"--lora-targets names no module: {args.lora_targets!r}")
-    if getattr(args, "strategy", "ddp") == "fsdp":
-        raise ValueError("--lora/--qlora with --strategy fsdp is not supported (use ddp)")
     qlora = None
     if args.qlora:
         qlora = {"double_quant": not args.no_double_quant, "compute_dtype": args.qlora_compute_dtype}
