@@ -89,6 +89,7 @@ def rollout_vs_transformers(model_dir: Path, rounds: int = 3, prompts: int = P, 
 
     from intro2llm.data.prepare import load_tokenizer
     from intro2llm.model import CausalLM
+    from intro2llm.testing import seconds_alternating
     from intro2llm.training.rl import generate_responses, left_pad
 
     logging.set_verbosity_error()
@@ -115,14 +116,7 @@ def rollout_vs_transformers(model_dir: Path, rounds: int = 3, prompts: int = P, 
         counts["transformers"] = int(((is_eos.cumsum(1) - is_eos) == 0).sum())  # tokens up to and incl. first EOS
 
     fns = {"ours": run_ours, "ours_module": lambda: run_ours(False), "transformers": run_hf}
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+    times = seconds_alternating(fns, rounds)
     best = {k: min(v) for k, v in times.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     tps = {k: counts[k] / best[k] for k in fns}

@@ -339,17 +339,26 @@ def seven_first(prompts: Sequence[str], completions: Sequence[str]) -> list[floa
     return [float(c.startswith("7")) for c in completions]
 
 
-def toy_policy(seed: int = 0):  # noqa: ANN201 - (CausalLM, tokenizer)
-    """(a 1-layer, width-32 ``CausalLM`` initialised from ``seed``, the synthetic-arithmetic tokenizer)."""
+def toy_policy(seed: int = 0, **overrides):  # noqa: ANN201 - (CausalLM, tokenizer)
+    """(a 1-layer, width-32 ``CausalLM`` initialised from ``seed``, the synthetic-arithmetic tokenizer);
+    ``overrides`` change the model config."""
     from intro2llm.data.prepare import synthetic_tokenizer
     from intro2llm.data.synthetic import pretrain_documents
     from intro2llm.model import CausalLM, ModelConfig
 
     tok = synthetic_tokenizer(list(pretrain_documents(200, seed=0)))
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, max_position_embeddings=32, eos_token_id=tok.eos_token_id)
-    return CausalLM(cfg), tok
+    base = dict(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=32, eos_token_id=tok.eos_token_id)
+    return CausalLM(ModelConfig(**{**base, **overrides})), tok
+
+
+def save_toy_checkpoint(directory, seed: int = 0, **overrides):  # noqa: ANN001, ANN201 - a path
+    """``toy_policy(seed, **overrides)`` saved as a checkpoint directory (model + tokenizer.json) for CLI tests."""
+    model, tok = toy_policy(seed, **overrides)
+    tok.save(directory / "tokenizer.json")
+    model.save_pretrained(directory)
+    return directory
 
 
 def first_token_prob(model: torch.nn.Module, tok, prompts: Sequence[str], char: str) -> float:  # noqa: ANN001

@@ -22,10 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from intro2llm.cli import main
-from intro2llm.data.prepare import synthetic_tokenizer
-from intro2llm.data.synthetic import pretrain_documents
-from intro2llm.model.causal_lm import CausalLM
-from intro2llm.model.config import ModelConfig
+from intro2llm.testing import save_toy_checkpoint
 from intro2llm.training.logging import read_metrics
 
 pytestmark = pytest.mark.distributed
@@ -35,15 +32,8 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt")
-    tok = synthetic_tokenizer(list(pretrain_documents(200, seed=0)))
-    tok.save(d / "tokenizer.json")
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      eos_token_id=tok.eos_token_id)
-    CausalLM(cfg).save_pretrained(d)
-    return d
+    return save_toy_checkpoint(tmp_path_factory.mktemp("ckpt"), num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, max_position_embeddings=64)
 
 
 def _args(cmd, ckpt, out, *extra):

@@ -280,17 +280,9 @@ def test_grpo_dataset_epochs_and_state():
 # ------------------------------------------------------------------------------------------------ CLI
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    from intro2llm.data.prepare import synthetic_tokenizer
-    from intro2llm.data.synthetic import pretrain_documents
+    from intro2llm.testing import save_toy_checkpoint
 
-    d = tmp_path_factory.mktemp("ckpt")
-    tok = synthetic_tokenizer(list(pretrain_documents(200, seed=0)))
-    tok.save(d / "tokenizer.json")
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, max_position_embeddings=32, eos_token_id=tok.eos_token_id)
-    CausalLM(cfg).save_pretrained(d)
-    return d
+    return save_toy_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.mark.parametrize("cmd", ["grpo", "ppo"])
