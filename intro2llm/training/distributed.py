@@ -255,7 +255,7 @@ def rank_rows(rows: torch.Tensor, unit: int = 1) -> torch.Tensor:
     """This rank's contiguous share of ``rows`` (a mini-batch every rank holds), in whole units of ``unit`` rows
     (GRPO: a group); all of ``rows`` with one process. Every rank must get the same number of rows (under FSDP each
     forward is a collective), so the number of units must be divisible by the world size: ``ValueError`` if not."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = _world()
     if world == 1:
         return rows
     units = rows.numel() // unit
@@ -270,9 +270,9 @@ def rank_rows(rows: torch.Tensor, unit: int = 1) -> torch.Tensor:
 def average_gradients(parameters: Iterable[nn.Parameter]) -> None:
     """Average the ``.grad`` of replicated parameters over ranks (one all-reduce per tensor; no-op with one
     process). FSDP-sharded (DTensor) gradients are skipped: ``fully_shard`` already reduce-scattered them."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    world = _world()
+    if world == 1:
         return
-    world = dist.get_world_size()
     for p in parameters:
         if p.grad is not None and not hasattr(p.grad, "full_tensor"):
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
@@ -281,7 +281,7 @@ def average_gradients(parameters: Iterable[nn.Parameter]) -> None:
 
 def all_reduce_stats(stats: dict[str, float]) -> dict[str, float]:
     """Sum each value over ranks (the same keys on every rank, e.g. per-rank shares of a mini-batch mean)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1) or not stats:
+    if _world() == 1 or not stats:
         return stats
     keys = sorted(stats)
     t = all_reduce_sum(torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64))
@@ -317,10 +317,6 @@ def load_full_state_dict(obj: nn.Module | torch.optim.Optimizer, state: dict) ->
     if missing or unexpected:
         raise ValueError(f"the state dict does not fit the model: missing {missing}, unexpected {unexpected}")
     obj.load_state_dict({k: _like(v, live[k]) for k, v in state.items()})
-
-
-def _full(t):  # noqa: ANN001, ANN202 - a tensor or any state value
-    return t.full_tensor().cpu() if hasattr(t, "full_tensor") else t
 
 
 def _like(value, ref: torch.Tensor):  # noqa: ANN001, ANN202
@@ -402,15 +398,20 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
 
+def _world() -> int:
+    """Processes in the default group (1 without one)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, in place (no-op with one process)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _world() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def broadcast_object(obj, src: int = 0):  # noqa: ANN001, ANN201 - any picklable object
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if _world() == 1:
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)
@@ -419,7 +420,7 @@ def broadcast_object(obj, src: int = 0):  # noqa: ANN001, ANN201 - any picklable
 
 def gather_objects(obj) -> list:  # noqa: ANN001
     """Every rank's ``obj`` as a list (on every rank); ``[obj]`` with one process."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if _world() == 1:
         return [obj]
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -427,7 +428,7 @@ def gather_objects(obj) -> list:  # noqa: ANN001
 
 
 def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _world() > 1:
         dist.barrier()
 
 
