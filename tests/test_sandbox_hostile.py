@@ -306,6 +306,18 @@ def test_low_uid_range_for_rootless_containers(monkeypatch):
     assert _sandbox_processes() == []
 
 
+@pytest.mark.skipif(not (ISOLATED and HAS_DROP), reason=f"needs root (sandbox uids to look for): {PROBE}")
+def test_graded_runs_leave_not_even_a_zombie():
+    """The candidate still serves when its tests give the verdict, so every graded run ends it early. Its bootstrap
+    must reap it: a SIGKILLed bootstrap orphaned it to the host's init, and it lingered as a zombie under the
+    sandbox uid (seen in CI as a stray pid after the hostile suite)."""
+    with sb.Sandbox(sb.SandboxLimits(timeout=10.0)) as box:
+        for _ in range(5):
+            r = box.run_tests("def f(x):\n    return x + 1\n", "def check(f):\n    assert f(1) == 2\n", "f")
+            assert r.passed, r.stderr
+            assert _sandbox_processes() == []  # right after the run, not after a grace period
+
+
 def test_requested_layer_missing_is_an_error(monkeypatch):
     monkeypatch.setitem(sb._PROBE_CACHE, sys.executable, {"namespaces": "EPERM", "drop_privileges": None,
                                                           "seccomp": None})

@@ -936,9 +936,13 @@ def _kill_uid(uid: int) -> None:
                 finally:
                     os.close(fd)
                 at = head.index(b"\nUid:")
-                if int(head[at + 5:].split(None, 1)[0]) == uid:
-                    found = True
-                    os.kill(int(name), 9)
+                if int(head[at + 5:].split(None, 1)[0]) != uid:
+                    continue
+                at = head.index(b"\nState:")
+                if head[at + 7:].split(None, 1)[0] in (b"Z", b"X"):
+                    continue  # dead already: nothing to kill, its parent reaps it (a SIGKILL cannot hurry that)
+                found = True
+                os.kill(int(name), 9)
             except (OSError, ValueError):
                 continue  # the process went away meanwhile
         if not found:
@@ -1314,12 +1318,16 @@ class Sandbox:
 
     def _terminate(self, part: _Part, wait: bool = True) -> None:
         """Kill whatever is left of a part: the sandbox uid's processes, then the process group."""
+        import signal
         import subprocess
 
         proc, uid = part.proc, part.uid
-        if not wait:  # the bootstrap's death ends the program (parent-death signal); the uid is swept below
+        if not wait:
+            # SIGTERM, not SIGKILL: the bootstrap kills its program and reaps it. A SIGKILLed bootstrap would
+            # orphan the program, which then lingers as a zombie under the sandbox uid until the host's init
+            # gets round to reaping it. (The uid is swept below either way.)
             try:
-                os.killpg(proc.pid, 9)
+                os.kill(proc.pid, signal.SIGTERM)
             except (ProcessLookupError, PermissionError):
                 pass
             return
@@ -1328,7 +1336,9 @@ class Sandbox:
             if not self.isolation["namespaces"]:
                 _sweep_uid_files(uid)
         try:
-            proc.wait(timeout=2.0 if uid is not None else 0.0)
+            # A generous grace (the bootstrap only reaps and removes a directory), so that a loaded machine
+            # does not make us SIGKILL it mid-reap (see above); without a sandbox uid nothing reaps: kill now.
+            proc.wait(timeout=10.0 if uid is not None else 0.0)
         except subprocess.TimeoutExpired:
             pass
         try:
