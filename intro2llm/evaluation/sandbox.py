@@ -1323,11 +1323,15 @@ class Sandbox:
 
         proc, uid = part.proc, part.uid
         if not wait:
-            # SIGTERM, not SIGKILL: the bootstrap kills its program and reaps it. A SIGKILLed bootstrap would
-            # orphan the program, which then lingers as a zombie under the sandbox uid until the host's init
-            # gets round to reaping it. (The uid is swept below either way.)
+            # With a sandbox uid, SIGTERM: the bootstrap kills everything under the uid and reaps it (a SIGKILLed
+            # bootstrap would orphan the program, a zombie under the sandbox uid until the host's init reaps it;
+            # the uid is swept below either way). Without one, the process group is all that names the
+            # program's descendants, and they may hold the pipes open: SIGKILL it.
             try:
-                os.kill(proc.pid, signal.SIGTERM)
+                if uid is not None:
+                    os.kill(proc.pid, signal.SIGTERM)
+                else:
+                    os.killpg(proc.pid, 9)
             except (ProcessLookupError, PermissionError):
                 pass
             return
